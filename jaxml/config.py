@@ -1,0 +1,76 @@
+"""The config sections every experiment shares, and checks that run before anything compiles.
+
+An experiment's `get_config()` starts from `base_config()`, adds its `model` section and
+overrides defaults; the CLI locks the result so a mistyped key is an error.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxml.train import optim, parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Dataset and input pipeline keys."""
+    c = ml_collections.ConfigDict()
+    c.name = "digits"  # jaxml's offline builders (digits) or any TFDS name (mnist, cifar10, ...)
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default data dir
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.batch_size = 128  # the *global* batch; split over data-parallel devices and processes
+    c.eval_batch_size = 256
+    c.num_workers = 0  # grain worker processes; 0 reads in the main process
+    c.seed = 0  # shuffle seed, separate from the model seed so either can vary alone
+    c.augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False))
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All engine keys with their defaults; experiments add `model` and override the rest."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = data_config()
+    c.optim = optim.default_config()
+    c.parallel = parallel.default_config()
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        log_every=50,
+        eval_every=500,  # 0: evaluate only at the end
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500,
+        max_to_keep=3,
+        async_save=True,  # the next steps run while the previous checkpoint is written
+    ))
+    c.log = ml_collections.ConfigDict(dict(tensorboard=False, progress=True))
+    return c
+
+
+def dtype(name: str):
+    """A compute dtype from its config name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Reject values that would only fail later (or silently do the wrong thing)."""
+    def need(ok, key, value, expected):
+        if not ok:
+            raise ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
+
+    need(config.train.steps > 0, "train.steps", config.train.steps, "a positive number of steps")
+    need(config.train.log_every > 0, "train.log_every", config.train.log_every, "> 0")
+    need(config.train.eval_every >= 0, "train.eval_every", config.train.eval_every, ">= 0 (0: only at the end)")
+    need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "> 0")
+    need(config.checkpoint.max_to_keep is None or config.checkpoint.max_to_keep > 0,
+         "checkpoint.max_to_keep", config.checkpoint.max_to_keep, "> 0 or None (keep all)")
+    need(config.data.batch_size > 0, "data.batch_size", config.data.batch_size, "> 0")
+    need(config.data.eval_batch_size > 0, "data.eval_batch_size", config.data.eval_batch_size, "> 0")
+    need(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, ">= 0")
+    need(config.parallel.mode in ("jit", "pmap"), "parallel.mode", config.parallel.mode, "'jit' or 'pmap'")
+    if "model" in config and "dtype" in config.model:
+        dtype(config.model.dtype)
+    optim.make_optimizer(config.optim, config.train.steps)  # raises on bad optimizer keys

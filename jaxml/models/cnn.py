@@ -1,0 +1,55 @@
+"""LeNet-style convolutional classifier: conv blocks, max-pooling, a dense layer, dropout.
+
+The convolution rank follows the input: (B, H, W, C) images get 2-D convolutions,
+(B, T, C) signals 1-D ones.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxml.train import parallel
+
+
+class CNN(nn.Module):
+    """conv(3)[-BN]-relu blocks, 2x max-pool after the blocks in `pool_after`, dense, dropout, logits."""
+
+    num_classes: int
+    features: Sequence[int] = (32, 64)
+    pool_after: Sequence[int] = (1,)  # block indices followed by a 2x max-pool
+    dense: int = 128
+    dropout: float = 0.25
+    batch_norm: bool = False
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B *spatial C"], train: bool) -> Float[Array, "B K"]:
+        if x.ndim not in (3, 4):
+            raise ValueError(f"CNN expects (batch, height, width, channels) images or (batch, time, "
+                             f"channels) signals, got shape {x.shape}")
+        rank = x.ndim - 2
+        x = x.astype(self.dtype)
+        for i, width in enumerate(self.features):
+            x = nn.Conv(width, (3,) * rank, dtype=self.dtype, use_bias=not self.batch_norm,
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.lecun_normal(), (None,) * rank + ("conv_in", "conv_out")))(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 axis_name=parallel.pmap_axis_name())(x)
+            x = nn.relu(x)
+            if i in self.pool_after:
+                x = nn.max_pool(x, (2,) * rank, strides=(2,) * rank)
+        x_BxF = x.reshape(x.shape[0], -1)
+        x_BxD = nn.relu(nn.Dense(self.dense, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "mlp")))(x_BxF))
+        x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
+        logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("mlp", "classes")))(x_BxD)
+        return logits_BxK.astype(jnp.float32)  # the loss and softmax stay in float32
+
+
+LeNet = functools.partial(CNN, features=(32, 64), pool_after=(1,), dense=128)
+Tiny = functools.partial(CNN, features=(4,), pool_after=(0,), dense=8)

@@ -1,0 +1,212 @@
+"""Devices: the mesh, shardings from logical axis rules, and the jit / pmap step wrappers.
+
+The loop never branches on the parallel mode: `setup` returns a `Placement` whose
+functions place states and batches on devices and run the compiled steps, for `jit`
+(one SPMD program over a `Mesh`, the default) or `pmap` (classic replicated data
+parallelism). Checkpoints always hold the plain, unreplicated state, so a run can switch
+modes or device counts between restarts.
+"""
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+PMAP_AXIS = "batch"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every parallelism key with its default: all devices on `data`, jit mode."""
+    c = ml_collections.ConfigDict()
+    c.mode = "jit"  # jit | pmap
+    # Mesh axis sizes; -1 takes the devices the others leave (exactly one axis may be -1).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical axis name -> mesh axes. Modules name their parameter axes
+    # (nn.with_logical_partitioning); names absent here are replicated.
+    c.rules = (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("conv_out", "tensor"),
+    )
+    return c
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all) with sizes from `cfg.mesh`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(cfg.mesh[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"parallel.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(
+            f"parallel.mesh {dict(zip(MESH_AXES, sizes))} does not fit {len(devices)} devices: "
+            f"the product of the fixed axes ({known}) must divide the device count")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"parallel.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+            f"{len(devices)} are available")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, mode: str) -> None:
+    """Fail early, with the numbers, when the global batch does not split evenly."""
+    dp = mesh.size if mode == "pmap" else data_parallel_size(mesh)
+    if global_batch % dp or global_batch % jax.process_count():
+        raise ValueError(
+            f"data.batch_size={global_batch} (the global batch) must be divisible by the "
+            f"data-parallel size {dp} and the process count {jax.process_count()}; "
+            f"e.g. use {dp * max(1, global_batch // dp)}")
+
+
+# ---- pmap's axis, visible to step functions while they are traced ----------------------
+
+_pmap_axis: list[str] = []
+
+
+@contextlib.contextmanager
+def _tracing_under_pmap():
+    _pmap_axis.append(PMAP_AXIS)
+    try:
+        yield
+    finally:
+        _pmap_axis.pop()
+
+
+def pmap_axis_name() -> str | None:
+    """The pmap axis while a step is traced under pmap, else None (for BatchNorm's axis_name)."""
+    return _pmap_axis[-1] if _pmap_axis else None
+
+
+def mean_over_devices(tree: PyTree) -> PyTree:
+    """Average across pmap devices (gradients, statistics); identity under jit, where XLA
+    already reduces over the global batch."""
+    name = pmap_axis_name()
+    return tree if name is None else jax.lax.pmean(tree, name)
+
+
+# ---- placement --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How states and batches live on devices, and the compiled steps that use them."""
+
+    mesh: Mesh
+    mode: str
+    init: Callable[[jax.Array, PyTree], PyTree]  # (rng, local numpy batch) -> placed state
+    abstract_state: PyTree  # ShapeDtypeStructs with shardings: the restore target
+    place_state: Callable[[PyTree], PyTree]  # plain state -> placed state
+    plain_state: Callable[[PyTree], PyTree]  # placed state -> plain state (for saving)
+    place_batch: Callable[[PyTree], PyTree]  # local numpy batch -> device batch
+    train_step: Callable  # (state, batch, key) -> (state, metrics); rng = fold_in(key, step)
+    eval_step: Callable | None  # (state, batch) -> summed metrics of the global batch
+
+
+def _fold_step(fn):
+    def step(state, batch, key):
+        return fn(state, batch, jax.random.fold_in(key, state.step))
+    return step
+
+
+def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, example_batch,
+          global_batch_size: int, devices=None) -> Placement:
+    """Build the mesh and compile-ready wrappers for `cfg.mode` (cfg is `config.parallel`)."""
+    mesh = make_mesh(cfg, devices)
+    check_batch_size(global_batch_size, mesh, cfg.mode)
+    rules = tuple(tuple(r) for r in cfg.rules)
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    replicated = NamedSharding(mesh, P())
+
+    def place_global(local_batch):
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
+            local_batch)
+
+    key0 = jax.random.key(0)
+    boxed = jax.eval_shape(init_fn, key0, place_global(example_batch))
+    specs = nn.get_partition_spec(boxed)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+    def unboxed_init(rng, batch):
+        return nn.unbox(init_fn(rng, batch))
+
+    if cfg.mode == "jit":
+        jit_init = jax.jit(unboxed_init, out_shardings=shardings)
+        step = jax.jit(_fold_step(train_step), donate_argnums=(0,),
+                       in_shardings=(shardings, batch_sharding, replicated),
+                       out_shardings=(shardings, replicated))
+        evaluate = None if eval_step is None else jax.jit(
+            eval_step, in_shardings=(shardings, batch_sharding), out_shardings=replicated)
+        return Placement(
+            mesh=mesh, mode="jit", abstract_state=abstract,
+            init=lambda rng, local_batch: jit_init(rng, place_global(local_batch)),
+            place_state=lambda s: jax.device_put(s, shardings),
+            plain_state=lambda s: s,
+            place_batch=place_global,
+            train_step=step, eval_step=evaluate)
+
+    if cfg.mode == "pmap":
+        return _pmap_placement(mesh, abstract, unboxed_init, train_step, eval_step)
+    raise ValueError(f"parallel.mode must be 'jit' or 'pmap', got {cfg.mode!r}")
+
+
+def _pmap_placement(mesh, abstract, unboxed_init, train_step, eval_step) -> Placement:
+    devices = list(mesh.devices.flat)
+    n = len(devices)
+    if jax.process_count() > 1:
+        raise NotImplementedError("parallel.mode='pmap' is single-process here; use 'jit' on multi-host slices")
+
+    # An identity pmap puts one copy of every leaf on every device, as pmap's inputs need.
+    to_devices = jax.pmap(lambda x: x, devices=devices)
+
+    def replicate(state):
+        return to_devices(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state))
+
+    def split(local_batch):
+        return jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), local_batch)
+
+    def device_step(state, batch, key):
+        with _tracing_under_pmap():
+            key = jax.random.fold_in(key, jax.lax.axis_index(PMAP_AXIS))
+            state, metrics = _fold_step(train_step)(state, batch, key)
+            return state, jax.lax.pmean(metrics, PMAP_AXIS)
+
+    def device_eval(state, batch):
+        with _tracing_under_pmap():
+            return jax.lax.psum(eval_step(state, batch), PMAP_AXIS)
+
+    pstep = jax.pmap(device_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
+                     devices=devices)
+    peval = None if eval_step is None else jax.pmap(device_eval, axis_name=PMAP_AXIS, devices=devices)
+    jit_init = jax.jit(unboxed_init)
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    return Placement(
+        mesh=mesh, mode="pmap", abstract_state=jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract),
+        init=lambda rng, local_batch: replicate(jax.device_get(jit_init(rng, local_batch))),
+        place_state=lambda s: replicate(jax.device_get(s)),
+        plain_state=lambda s: jax.device_get(first(s)),
+        place_batch=split,
+        train_step=lambda s, b, k: (lambda out: (out[0], first(out[1])))(pstep(s, b, k)),
+        eval_step=None if peval is None else (lambda s, b: first(peval(s, b))))

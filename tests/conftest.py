@@ -1,0 +1,23 @@
+"""Every test runs on 8 fake CPU devices, so sharded and pmap paths really run."""
+
+import os
+import tempfile
+
+# Before jax is imported anywhere: XLA reads the flag once, at backend start.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Datasets prepared by tests go to a throwaway dir, never the user's ~/tensorflow_datasets.
+os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="jaxml-tfds-"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.device_count()}"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The TFDS data dir shared by the session (digits are prepared into it once)."""
+    return os.environ["TFDS_DATA_DIR"]

@@ -1,0 +1,210 @@
+"""End-to-end tests of the engine with the CNN experiment's tiny preset.
+
+Covers: files in the workdir, sharded == single-device, pmap == jit, restore onto fewer
+devices, resume after SIGKILL == uninterrupted, SIGTERM saves and exits 0, NaN guard,
+corrupt and foreign checkpoints, and the CLI's config errors.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import cnn
+from jaxml.train import log, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    config = cnn.get_config("tiny")
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def params_of(result):
+    return jax.tree.map(np.asarray, result.state.params)
+
+
+def assert_trees_close(a, b, **tol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tol)
+
+
+def test_run_writes_workdir_files_and_learns(tmp_path):
+    result = loop.train(cnn, tiny_config(**{"train.steps": 60, "train.eval_every": 30}), str(tmp_path))
+    for name in ("config.json", "metrics.jsonl", "confusion_matrix.png"):
+        assert (tmp_path / name).exists(), name
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert steps[-1] == 60 and len(steps) <= 3  # max_to_keep
+    rows = log.read_metrics(str(tmp_path))
+    train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train_losses[-1] < train_losses[0]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [30, 60]
+    assert all("perf/steps_per_sec" in r for r in rows if "train/loss" in r)
+    assert result.step == 60 and result.eval_metrics["eval/accuracy"] > 0.5  # chance: 0.1
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 60
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    one = loop.train(cnn, tiny_config(), str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = loop.train(cnn, tiny_config(), str(tmp_path / "eight"), devices=jax.devices())
+    assert_trees_close(params_of(one), params_of(eight), rtol=1e-5, atol=1e-6)
+    assert abs(one.eval_metrics["eval/loss"] - eight.eval_metrics["eval/loss"]) < 1e-5
+
+
+def test_fsdp_mesh_equals_data_mesh(tmp_path):
+    data = loop.train(cnn, tiny_config(), str(tmp_path / "data"))
+    fsdp = loop.train(cnn, tiny_config(**{"parallel.mesh.data": 2, "parallel.mesh.fsdp": 4}), str(tmp_path / "fsdp"))
+    assert_trees_close(params_of(data), params_of(fsdp), rtol=1e-5, atol=1e-6)
+
+
+def test_pmap_equals_jit(tmp_path):
+    # Dropout and crops draw per-device random numbers under pmap, so they are off here.
+    overrides = {"model.dropout": 0.0, "data.augment.crop_padding": 0, "model.batch_norm": True}
+    jit = loop.train(cnn, tiny_config(**overrides), str(tmp_path / "jit"))
+    pmap = loop.train(cnn, tiny_config(**overrides, **{"parallel.mode": "pmap"}), str(tmp_path / "pmap"))
+    assert_trees_close(params_of(jit), params_of(pmap), rtol=1e-4, atol=1e-5)
+    assert_trees_close(jax.tree.map(np.asarray, jit.state.batch_stats),
+                       jax.tree.map(np.asarray, pmap.state.batch_stats), rtol=1e-4, atol=1e-5)
+    assert abs(jit.eval_metrics["eval/accuracy"] - pmap.eval_metrics["eval/accuracy"]) < 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_checkpoint_from_8_devices_restores_on_fewer(tmp_path, n):
+    full = loop.train(cnn, tiny_config(), str(tmp_path / "full"))  # checkpoints at 4, 8, 12 on 8 devices
+    shutil.copytree(tmp_path / "full", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "12")
+    resumed = loop.train(cnn, tiny_config(), str(tmp_path / "moved"), devices=jax.devices()[:n])
+    assert resumed.step == full.step == 12
+    assert_trees_close(params_of(full), params_of(resumed), rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    loop.train(cnn, tiny_config(**{"train.steps": 8}), str(tmp_path))
+    # Continue with an absurd learning rate: the loss is inf/NaN within a few steps.
+    bad = tiny_config(**{"train.steps": 400, "optim.lr": 1e30, "optim.schedule": "constant",
+                         "optim.warmup_steps": 0, "checkpoint.every_steps": 4})
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite training metrics at step \d+"):
+        loop.train(cnn, bad, str(tmp_path))
+    rows = log.read_metrics(str(tmp_path))
+    assert all(isinstance(r["train/loss"], float) for r in rows if "train/loss" in r)  # no NaN logged
+    latest = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    # The newest kept checkpoint restores to finite params (steps == latest: restore, no training).
+    again = loop.train(cnn, tiny_config(**{"train.steps": latest}), str(tmp_path))
+    assert again.step == latest
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(again)))
+
+
+def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path, capsys):
+    reference = loop.train(cnn, tiny_config(**{"train.steps": 8}), str(tmp_path / "ref"))
+    loop.train(cnn, tiny_config(**{"train.steps": 8}), str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints"
+    # Truncate every array file of the newest step, as a crash mid-copy would.
+    for root, _, files in os.walk(ckpt / "8" / "state"):
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.getsize(p) > 0 and not f.endswith(".json") and "metadata" not in f:
+                with open(p, "r+b") as fh:
+                    fh.truncate(os.path.getsize(p) // 2)
+    # A half-written temporary directory, as a kill during an async save leaves.
+    (ckpt / "12.orbax-checkpoint-tmp-123").mkdir()
+    resumed = loop.train(cnn, tiny_config(**{"train.steps": 8}), str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "skipping half-written checkpoint" in out
+    assert "skipping unreadable checkpoint" in out and "/8" in out
+    assert (tmp_path / "run" / "checkpoints_corrupt").exists()  # kept for inspection, not deleted
+    # It fell back to step 4 and retrained steps 5..8 to the same result.
+    assert_trees_close(params_of(reference), params_of(resumed), rtol=0, atol=0)
+
+
+def test_checkpoint_of_a_different_model_is_refused(tmp_path):
+    loop.train(cnn, tiny_config(**{"train.steps": 4}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"(?s)does not match this model.*shape mismatch.*params/Dense_0/kernel"):
+        loop.train(cnn, tiny_config(**{"train.steps": 8, "model.dense": 16}), str(tmp_path))
+
+
+# ---- the CLI, as a user runs it -----------------------------------------------------------
+
+def cli(*args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "experiments.cnn", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def final_eval(workdir):
+    return [r for r in log.read_metrics(str(workdir)) if "eval/accuracy" in r][-1]
+
+
+def test_cli_config_override_and_unknown_key(tmp_path):
+    ok = cli("--config=experiments/cnn.py:tiny", f"--workdir={tmp_path / 'a'}", "--config.optim.lr=0.01",
+             "--config.train.steps=4")
+    out, _ = ok.communicate(timeout=300)
+    assert ok.returncode == 0, out
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["optim"]["lr"] == 0.01
+    bad = cli("--config=experiments/cnn.py:tiny", f"--workdir={tmp_path / 'b'}", "--config.optim.lrr=0.01")
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode != 0
+    assert "lrr" in out and "lr" in out and "weight_decay" in out, out  # names the valid keys
+
+
+def test_cli_unknown_dataset_lists_known(tmp_path):
+    p = cli("--config=experiments/cnn.py:tiny", f"--workdir={tmp_path}", "--config.data.name=nosuchdata")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "nosuchdata" in out and "digits" in out, out
+
+
+def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        d = workdir / "checkpoints"
+        if d.exists() and any(s.isdigit() and int(s) >= at_least for s in os.listdir(d)):
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint >= {at_least} in {workdir} after {timeout}s")
+
+
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+    args = ["--config=experiments/cnn.py:tiny", "--config.train.steps=300", "--config.checkpoint.every_steps=20",
+            "--config.train.eval_every=0"]
+    killed = cli(*args, f"--workdir={tmp_path / 'killed'}")
+    _wait_for_checkpoint(tmp_path / "killed", killed, 40)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    rerun = cli(*args, f"--workdir={tmp_path / 'killed'}")
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and "restored checkpoint at step" in out, out
+    straight = cli(*args, f"--workdir={tmp_path / 'straight'}")
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+    a, b = final_eval(tmp_path / "killed"), final_eval(tmp_path / "straight")
+    assert a["step"] == b["step"] == 300
+    assert a["eval/loss"] == b["eval/loss"] and a["eval/accuracy"] == b["eval/accuracy"]
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    p = cli("--config=experiments/cnn.py:tiny", "--config.train.steps=100000", "--config.checkpoint.every_steps=50",
+            f"--workdir={tmp_path}")
+    _wait_for_checkpoint(tmp_path, p, 50)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "preempted at step" in out
+    step = int(out.split("preempted at step ")[1].split(";")[0])
+    assert step >= 50 and str(step) in os.listdir(tmp_path / "checkpoints")

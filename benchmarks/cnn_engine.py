@@ -47,7 +47,7 @@ def main():
 
     config = cnn.get_config()
     config.data.batch_size = args.batch
-    source = data.load_source(config.data.name, config.data.train_split, config.data.data_dir)
+    source = data.load_source(config.data.name, config.data.train_split, config.data.data_dir, cache=True)
     host_batch = next(iter(data.train_dataset(source, global_batch_size=args.batch, seed=0)))
     key = jax.random.key(0)
 
@@ -56,11 +56,11 @@ def main():
     tx = optim.make_optimizer(config.optim, config.train.steps)
     params = jax.jit(lambda r, x: model.init({"params": r}, x, train=False)["params"])(
         key, jnp.asarray(host_batch["image"], jnp.float32) / 255.0)
-    bare_state = (params, tx.init(params))
+    bare_state = (params, tx.init(params), jnp.zeros((), jnp.int32))
 
-    def bare_step(state, images_u8, labels, rng):
-        params, opt_state = state
-        aug_rng, drop_rng = jax.random.split(rng)
+    def bare_step(state, images_u8, labels, key):
+        params, opt_state, step = state
+        aug_rng, drop_rng = jax.random.split(jax.random.fold_in(key, step))
         x = data.augment(aug_rng, images_u8.astype(jnp.float32) / 255.0, crop_padding=1, flip=False)
 
         def loss_fn(p):
@@ -69,7 +69,7 @@ def main():
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        return (optax.apply_updates(params, updates), opt_state, step + 1), loss
 
     bare_step = jax.jit(bare_step, donate_argnums=(0,))
     images, labels = jnp.asarray(host_batch["image"]), jnp.asarray(host_batch["label"])
@@ -79,8 +79,8 @@ def main():
 
     def bare_window(n):
         nonlocal bare_state
-        for i in range(n):
-            bare_state, loss = bare_compiled(bare_state, images, labels, jax.random.fold_in(key, i))
+        for _ in range(n):
+            bare_state, loss = bare_compiled(bare_state, images, labels, key)
         jax.block_until_ready(loss)
 
     # ---- engine: the experiment's step as the engine compiles and places it ----

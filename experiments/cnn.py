@@ -80,7 +80,8 @@ def _inputs(batch) -> jax.Array:
 def init(config, rng, batch) -> TrainState:
     variables = model(config).init({"params": rng}, _inputs(batch), train=False)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    return TrainState.create(variables["params"], tx, batch_stats=variables.get("batch_stats"))
+    return TrainState.create(variables["params"], tx, ema_decay=config.optim.ema_decay,
+                             batch_stats=variables.get("batch_stats"))
 
 
 def train_step(config, state: TrainState, batch, rng):
@@ -99,7 +100,8 @@ def train_step(config, state: TrainState, batch, rng):
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = parallel.mean_over_devices(grads)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    new_state = state.apply_gradients(grads, tx, batch_stats=updates.get("batch_stats", state.batch_stats))
+    new_state = state.apply_gradients(grads, tx, ema_decay=config.optim.ema_decay,
+                                      batch_stats=updates.get("batch_stats", state.batch_stats))
     return new_state, {
         "loss": loss,
         "accuracy": metrics.correct(logits, batch["label"]).mean(),
@@ -109,7 +111,9 @@ def train_step(config, state: TrainState, batch, rng):
 
 
 def eval_step(config, state: TrainState, batch):
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}
+    # With optim.ema_decay > 0 the EMA of the params is what gets evaluated.
+    params = state.ema_params if state.ema_params is not None else state.params
+    variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}
     logits = model(config).apply(variables, _inputs(batch), train=False)
     mask = batch["mask"]
     return {

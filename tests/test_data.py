@@ -210,6 +210,40 @@ def test_iterator_state_resumes_with_identical_batches(num_workers):
     np.testing.assert_array_equal(np.stack(again), np.stack(rest))
 
 
+def _in_memory(source) -> data.ArraySource:
+    return data.ArraySource({k: np.stack([e[k] for e in source]) for k in source[0]})
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2), (3, 4)])
+def test_in_memory_source_gives_the_same_batches_and_state(process_index, process_count):
+    records = _id_source(23)
+    kw = dict(global_batch_size=8, seed=7, process_index=process_index, process_count=process_count)
+    by_record = iter(data.train_dataset(records, **kw))
+    by_gather = iter(data.train_dataset(_in_memory(records), **kw))
+    for _ in range(9):  # several epochs
+        a, b = next(by_record), next(by_gather)
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            assert a[k].dtype == b[k].dtype
+    resumed = iter(data.train_dataset(_in_memory(records), **kw))
+    resumed.set_state(by_gather.get_state())
+    np.testing.assert_array_equal(next(resumed)["id"], next(by_record)["id"])
+    for a, b in zip(data.eval_batches(records, **{k: v for k, v in kw.items() if k != "seed"}),
+                    data.eval_batches(_in_memory(records), **{k: v for k, v in kw.items() if k != "seed"})):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_cached_digits_source_matches_the_tfds_source(data_dir):
+    records = data.load_source("digits", "test", data_dir)
+    cached = data.load_source("digits", "test", data_dir, cache=True)
+    assert isinstance(cached, data.ArraySource) and len(cached) == len(records) == 297
+    for i in (0, 100, 296):
+        np.testing.assert_array_equal(cached[i]["image"], records[i]["image"])
+        assert int(cached[i]["label"]) == int(records[i]["label"])
+
+
 # --- eval_batches ------------------------------------------------------------------------
 
 

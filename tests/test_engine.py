@@ -85,12 +85,15 @@ def test_pmap_equals_jit(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_checkpoint_from_8_devices_restores_on_fewer(tmp_path, n):
-    full = loop.train(cnn, tiny_config(), str(tmp_path / "full"))  # checkpoints at 4, 8, 12 on 8 devices
+    config = lambda: tiny_config(**{"optim.ema_decay": 0.9})  # the EMA slot travels too
+    full = loop.train(cnn, config(), str(tmp_path / "full"))  # checkpoints at 4, 8, 12 on 8 devices
     shutil.copytree(tmp_path / "full", tmp_path / "moved")
     shutil.rmtree(tmp_path / "moved" / "checkpoints" / "12")
-    resumed = loop.train(cnn, tiny_config(), str(tmp_path / "moved"), devices=jax.devices()[:n])
+    resumed = loop.train(cnn, config(), str(tmp_path / "moved"), devices=jax.devices()[:n])
     assert resumed.step == full.step == 12
     assert_trees_close(params_of(full), params_of(resumed), rtol=1e-5, atol=1e-6)
+    assert_trees_close(jax.tree.map(np.asarray, full.state.ema_params),
+                       jax.tree.map(np.asarray, resumed.state.ema_params), rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

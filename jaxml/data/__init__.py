@@ -2,10 +2,11 @@
 
 from jaxml.data.augment import augment, random_crop, random_flip
 from jaxml.data.pipeline import eval_batches, train_dataset
-from jaxml.data.sources import OFFLINE_DATASETS, DatasetInfo, dataset_info, load_source
+from jaxml.data.sources import OFFLINE_DATASETS, ArraySource, DatasetInfo, dataset_info, load_source
 
 __all__ = [
     "OFFLINE_DATASETS",
+    "ArraySource",
     "DatasetInfo",
     "augment",
     "dataset_info",

@@ -104,8 +104,8 @@ def train(experiment: types.ModuleType, config: ml_collections.ConfigDict, workd
     # One seed split into named keys (DESIGN.md 8.6): init and the step rng are independent.
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     dc = config.data
-    train_source = data_lib.load_source(dc.name, dc.train_split, dc.data_dir)
-    eval_source = data_lib.load_source(dc.name, dc.eval_split, dc.data_dir) if experiment.eval_step is not None else None
+    train_source = data_lib.load_source(dc.name, dc.train_split, dc.data_dir, cache=dc.cache)
+    eval_source = data_lib.load_source(dc.name, dc.eval_split, dc.data_dir, cache=dc.cache) if experiment.eval_step is not None else None
     dataset = data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      num_workers=dc.num_workers)

@@ -3,8 +3,11 @@
 from typing import Any
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import optax
+
+from jaxml.train import optim
 
 PyTree = Any
 
@@ -27,12 +30,21 @@ class TrainState:
     extra: PyTree = None
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, **slots) -> "TrainState":
-        """A step-0 state whose optimizer state is `tx.init(params)`."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), **slots)
+    def create(cls, params, tx: optax.GradientTransformation, ema_decay: float = 0.0, **slots) -> "TrainState":
+        """A step-0 state whose optimizer state is `tx.init(params)`; with ema_decay > 0 it
+        also keeps an EMA of the params, starting at the params."""
+        ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema, **slots)
 
-    def apply_gradients(self, grads, tx: optax.GradientTransformation, **slots) -> "TrainState":
-        """One optimizer update; `slots` replaces other fields (e.g. new batch_stats)."""
+    def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0,
+                        **slots) -> "TrainState":
+        """One optimizer update (and EMA update when the state keeps one); `slots` replaces
+        other fields (e.g. new batch_stats)."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
-        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **slots)
+        ema = self.ema_params
+        if ema is not None:
+            if not 0.0 < ema_decay < 1.0:
+                raise ValueError(f"the state keeps ema_params, so ema_decay must be in (0, 1), got {ema_decay}")
+            ema = optim.ema_update(ema, params, ema_decay)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema, **slots)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxml.train import log
+from jaxml.train import log, optim
 
 PyTree = Any
 
@@ -55,18 +55,9 @@ class _IteratorState:
 
 
 def _leaves_by_path(tree) -> dict:
-    """Leaves keyed by 'a/b/0/c': attribute, dict and sequence keys alike (Orbax's metadata
-    turns dataclass attributes into dict keys)."""
-    def part(k):
-        tu = jax.tree_util
-        if isinstance(k, (tu.DictKey, tu.FlattenedIndexKey)):
-            return str(k.key)
-        if isinstance(k, tu.GetAttrKey):
-            return k.name
-        if isinstance(k, tu.SequenceKey):
-            return str(k.idx)
-        return str(k)
-    return {"/".join(part(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    """Leaves keyed by 'a/b/0/c', so a state and Orbax's metadata of it (which turns
+    dataclass attributes into dict keys) line up."""
+    return dict(zip(jax.tree.leaves(optim.param_paths(tree)), jax.tree.leaves(tree)))
 
 
 class Checkpointer:

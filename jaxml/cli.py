@@ -71,6 +71,11 @@ def _run(experiment: types.ModuleType, argv) -> None:
     # Imported here so `--help` and flag errors come before JAX starts.
     from jaxml.train import loop
 
+    if FLAGS.config.eval.kfold:
+        from jaxml.train import selection
+
+        selection.cross_validate(experiment, FLAGS.config, FLAGS.workdir)
+        return
     try:
         result = loop.train(experiment, FLAGS.config, FLAGS.workdir)
     except loop.NonFiniteError as e:

@@ -18,7 +18,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.name = "digits"  # jaxml's offline builders (digits) or any TFDS name (mnist, cifar10, ...)
     c.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default data dir
     c.train_split = "train"
-    c.eval_split = "test"
+    c.eval_split = "test"  # the test split: evaluated at the end (and periodically without validation)
+    c.validation_split = ""  # e.g. "validation"; "" = none, or carved by validation_fraction
+    c.validation_fraction = 0.0  # > 0: the last fraction of train_split becomes the validation split
     c.batch_size = 128  # the *global* batch; split over data-parallel devices and processes
     c.eval_batch_size = 256
     c.num_workers = 0  # grain worker processes; 0 reads in the main process
@@ -41,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000,
         log_every=50,
         eval_every=500,  # 0: evaluate only at the end
+        # patience > 0: stop after that many periodic evals without improving `metric` by more
+        # than min_delta, then restore the best checkpoint (kept in <workdir>/best).
+        early_stopping=ml_collections.ConfigDict(dict(metric="val/loss", mode="min", patience=0, min_delta=0.0)),
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        kfold=0,  # k >= 2: k-fold cross-validation over data.train_split (workdir/fold_<i>, kfold.json)
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=500,
@@ -67,6 +75,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.train.steps > 0, "train.steps", config.train.steps, "a positive number of steps")
     need(config.train.log_every > 0, "train.log_every", config.train.log_every, "> 0")
     need(config.train.eval_every >= 0, "train.eval_every", config.train.eval_every, ">= 0 (0: only at the end)")
+    need(config.train.early_stopping.patience == 0 or config.train.eval_every > 0, "train.eval_every",
+         config.train.eval_every, "> 0 when train.early_stopping.patience > 0 (early stopping needs periodic evals)")
+    need(config.eval.kfold == 0 or config.eval.kfold >= 2, "eval.kfold", config.eval.kfold, "0 (off) or >= 2")
+    need(0.0 <= config.data.validation_fraction < 1.0, "data.validation_fraction", config.data.validation_fraction,
+         "in [0, 1)")
     need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "> 0")
     need(config.checkpoint.max_to_keep is None or config.checkpoint.max_to_keep > 0,
          "checkpoint.max_to_keep", config.checkpoint.max_to_keep, "> 0 or None (keep all)")

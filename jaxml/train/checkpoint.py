@@ -35,6 +35,7 @@ class Restored:
     state: PyTree
     step: int
     rng: jax.Array
+    meta: dict  # what the loop stored beside the step and rng (early-stopping state, ...)
 
 
 class _IteratorState:
@@ -61,11 +62,13 @@ def _leaves_by_path(tree) -> dict:
 
 
 class Checkpointer:
-    """Saves and restores a run's checkpoints under `workdir/checkpoints`."""
+    """Saves and restores a run's checkpoints under `workdir/<name>` (`best` keeps the best one)."""
 
-    def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+    def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, name: str = "checkpoints",
+                 max_to_keep: int | None = -1):
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.directory = os.path.join(self.workdir, name)
+        max_to_keep = cfg.max_to_keep if max_to_keep == -1 else max_to_keep
         self._warn_half_written()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -73,7 +76,7 @@ class Checkpointer:
             item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler(),
                                meta=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler()),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.max_to_keep,
+                max_to_keep=max_to_keep,
                 enable_async_checkpointing=cfg.async_save,
                 # Half-written step directories of a killed run are removed at start.
                 cleanup_tmp_directories=True,
@@ -93,9 +96,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, data_state: dict, rng: jax.Array,
-             config: ml_collections.ConfigDict) -> None:
+             config: ml_collections.ConfigDict, meta: dict | None = None) -> None:
         """Start saving `state` (plain, unreplicated) at `step`; returns before the write ends when async."""
-        meta = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
+        meta = {**(meta or {}), "step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
@@ -103,10 +106,10 @@ class Checkpointer:
             config=ocp.args.JsonSave(config.to_dict()),
         ), force=True)
 
-    def restore_latest(self, abstract_state: PyTree, iterator) -> Restored | None:
+    def restore_latest(self, abstract_state: PyTree, iterator=None) -> Restored | None:
         """Restore the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
-        Sets `iterator`'s position from the checkpoint. None when there is no checkpoint.
+        Sets `iterator`'s position (when given) from the checkpoint. None when there is none.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = os.path.join(self.directory, str(step))
@@ -123,9 +126,11 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable
                 self._quarantine(step, path, e)
                 continue
-            iterator.set_state(data.state)
-            rng = jax.random.wrap_key_data(np.asarray(out["meta"]["rng"], dtype=np.uint32))
-            return Restored(state=out["state"], step=int(out["meta"]["step"]), rng=rng)
+            if iterator is not None:
+                iterator.set_state(data.state)
+            meta = dict(out["meta"])
+            rng = jax.random.wrap_key_data(np.asarray(meta.pop("rng"), dtype=np.uint32))
+            return Restored(state=out["state"], step=int(meta.pop("step")), rng=rng, meta=meta)
         return None
 
     def _check_compatible(self, step: int, abstract_state: PyTree, path: str) -> None:

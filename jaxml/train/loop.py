@@ -9,7 +9,9 @@ first (the loop binds it); one it does not need is set to None at module level:
 
 `eval_step` returns *sums* over the real examples of the batch (`batch["mask"]` is 0 for
 padding) and a `count`; the loop adds them over the whole split and logs each scalar sum
-divided by the count as `eval/<name>`, so a partial last batch is weighted correctly.
+divided by the count, so a partial last batch is weighted correctly: `val/<name>` on the
+validation split (periodic evals and early stopping, when there is one), `eval/<name>` on
+the test split. `report` gets the summed arrays of the final test eval.
 """
 
 import dataclasses
@@ -30,8 +32,9 @@ import numpy as np
 
 from jaxml import config as config_lib
 from jaxml import data as data_lib
+from jaxml import plots
 from jaxml.train import checkpoint as ckpt_lib
-from jaxml.train import log, parallel
+from jaxml.train import log, parallel, selection
 
 PyTree = Any
 
@@ -76,8 +79,8 @@ def _host(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(placement, bound_eval_step, state, source, batch_size: int) -> tuple[dict, dict]:
-    """One pass over `source`: (eval/<name> means, the raw summed arrays)."""
+def evaluate(placement, state, source, batch_size: int, prefix: str) -> tuple[dict, dict]:
+    """One pass over `source`: (`<prefix>/<name>` means, the raw summed arrays)."""
     sums = None
     for local in data_lib.eval_batches(source, global_batch_size=batch_size,
                                        process_index=jax.process_index(),
@@ -86,7 +89,7 @@ def evaluate(placement, bound_eval_step, state, source, batch_size: int) -> tupl
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = {k: np.asarray(v) for k, v in jax.device_get(sums).items()}
     count = float(sums["count"])
-    means = {f"eval/{k}": float(v) / count for k, v in sums.items() if k != "count" and np.ndim(v) == 0}
+    means = {f"{prefix}/{k}": float(v) / count for k, v in sums.items() if k != "count" and np.ndim(v) == 0}
     return means, sums
 
 
@@ -104,29 +107,37 @@ def train(experiment: types.ModuleType, config: ml_collections.ConfigDict, workd
     # One seed split into named keys (DESIGN.md 8.6): init and the step rng are independent.
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     dc = config.data
-    train_source = data_lib.load_source(dc.name, dc.train_split, dc.data_dir, cache=dc.cache)
-    eval_source = data_lib.load_source(dc.name, dc.eval_split, dc.data_dir, cache=dc.cache) if experiment.eval_step is not None else None
-    dataset = data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                     num_workers=dc.num_workers)
-    iterator = iter(dataset)
+    splits = selection.resolve_splits(dc)
+    load = functools.partial(data_lib.load_source, dc.name, data_dir=dc.data_dir, cache=dc.cache)
+    train_source = load(splits.train)
+    has_eval = experiment.eval_step is not None
+    test_source = load(splits.test) if has_eval else None
+    val_source = load(splits.validation) if has_eval and splits.validation else None
+    # Periodic evals (and early stopping) look at the validation split when there is one.
+    periodic_source, periodic_prefix = (val_source, "val") if val_source is not None else (test_source, "eval")
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
+                                           num_workers=dc.num_workers, **shard))
     example = next(iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
-                                               process_index=jax.process_index(),
-                                               process_count=jax.process_count())))
+                                               **shard)))
 
-    bound_eval = functools.partial(experiment.eval_step, config) if eval_source is not None else None
     placement = parallel.setup(
         config.parallel, init_fn=functools.partial(experiment.init, config),
-        train_step=functools.partial(experiment.train_step, config), eval_step=bound_eval,
+        train_step=functools.partial(experiment.train_step, config),
+        eval_step=functools.partial(experiment.eval_step, config) if has_eval else None,
         example_batch=example, global_batch_size=dc.batch_size, devices=devices)
 
+    stopping = selection.EarlyStopping.from_config(config.train.early_stopping)
     ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+    best_ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint, name="best", max_to_keep=1) \
+        if stopping.enabled else None
     restored = ckpt.restore_latest(placement.abstract_state, iterator)
     if restored is None:
         state = placement.init(init_key, example)
         start = 0
     else:
         state, start, train_key = placement.place_state(restored.state), restored.step, restored.rng
+        stopping.load(restored.meta.get("early_stopping"))
         log.info(f"restored checkpoint at step {start} from {ckpt.directory}")
 
     writer = log.MetricWriter(workdir, tensorboard=config.log.tensorboard)
@@ -134,7 +145,6 @@ def train(experiment: types.ModuleType, config: ml_collections.ConfigDict, workd
     progress = log.Progress(total, first_step=start) if config.log.progress else None
     window: list[dict] = []  # host metrics since the last log line
     last_train: dict = {}
-    eval_metrics: dict = {}
     pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
     preempted = False
     t_window, s_window = time.perf_counter(), start
@@ -164,45 +174,66 @@ def train(experiment: types.ModuleType, config: ml_collections.ConfigDict, workd
             window.clear()
             writer.write(step, row)
 
-    def run_eval(step):
-        nonlocal eval_metrics
-        eval_metrics, sums = evaluate(placement, bound_eval, state, eval_source, dc.eval_batch_size)
-        writer.write(step, eval_metrics)
-        log.info(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        return sums
+    def run_eval(step, source, prefix):
+        metrics, sums = evaluate(placement, state, source, dc.eval_batch_size, prefix)
+        writer.write(step, metrics)
+        log.info(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics, sums
+
+    def save(step, manager):
+        manager.save(step, placement.plain_state(state), iterator.get_state(), train_key, config,
+                     meta={"early_stopping": stopping.state()})
 
     try:
         with _Preemption() as preemption:
-            for step in range(start, total):
+            for step in range(start, total if not stopping.stopped else start):
                 batch = placement.place_batch(next(iterator))
                 state, metrics = placement.train_step(state, batch, train_key)
                 drain()  # the previous step's metrics: ready by now, as this step was dispatched
                 pending = (step + 1, metrics)
                 done = step + 1
+                if has_eval and config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+                    drain()
+                    metrics_now, _ = run_eval(done, periodic_source, periodic_prefix)
+                    if stopping.enabled and stopping.update(done, metrics_now):
+                        save(done, best_ckpt)
+                    stopping.stopped = stopping.enabled and stopping.should_stop
                 stop = preemption.requested or ckpt.reached_preemption(done)
-                if done % config.checkpoint.every_steps == 0 or done == total or stop:
+                # Saved after the eval, so the checkpoint holds the early-stopping state of this step.
+                if done % config.checkpoint.every_steps == 0 or done == total or stop or stopping.stopped:
                     drain()  # never save a state whose step produced NaN
-                    ckpt.save(done, placement.plain_state(state), iterator.get_state(), train_key, config)
+                    save(done, ckpt)
                 if stop:
                     log.info(f"preemption requested: saved checkpoint at step {done}; exiting")
                     preempted = True
                     break
-                if eval_source is not None and config.train.eval_every and done % config.train.eval_every == 0 \
-                        and done != total:
-                    drain()
-                    run_eval(done)
+                if stopping.stopped:
+                    log.info(f"early stopping at step {done}: {stopping.metric} has not improved by more than "
+                             f"{stopping.min_delta} for {stopping.patience} evals")
+                    break
             drain()
-        final_step = int(jax.device_get(placement.plain_state(state).step))
-        eval_sums = None
-        if eval_source is not None and not preempted:
-            eval_sums = run_eval(final_step)
+        if stopping.enabled and stopping.best_step is not None and not preempted:
+            best = best_ckpt.restore_latest(placement.abstract_state)
+            state = placement.place_state(best.state)
+            log.info(f"restored the best checkpoint: step {best.step}, {stopping.metric} {stopping.best:.4f}")
         plain = placement.plain_state(state)
-        if not preempted and experiment.report is not None and jax.process_index() == 0:
-            experiment.report(config, plain, workdir, eval_sums)
+        final_step = int(jax.device_get(plain.step))
+        eval_metrics, eval_sums = {}, None
+        if has_eval and not preempted:
+            if val_source is not None:
+                eval_metrics, _ = run_eval(final_step, val_source, "val")
+            test_metrics, eval_sums = run_eval(final_step, test_source, "eval")
+            eval_metrics = {**eval_metrics, **test_metrics}
+        if not preempted and jax.process_index() == 0:
+            plots.learning_curves(os.path.join(workdir, "learning_curves.png"), log.read_metrics(workdir))
+            if experiment.report is not None:
+                experiment.report(config, plain, workdir, eval_sums)
     finally:
         if progress is not None:
             progress.close()
-        ckpt.close()
+        for manager in (ckpt, best_ckpt):
+            if manager is not None:
+                manager.close()
         writer.close()
     return Result(state=plain, step=final_step, train_metrics=last_train, eval_metrics=eval_metrics,
                   eval_sums=eval_sums, preempted=preempted)

@@ -35,6 +35,7 @@ from jaxml import data as data_lib
 from jaxml import plots
 from jaxml.train import checkpoint as ckpt_lib
 from jaxml.train import log, parallel, selection
+from jaxml.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -99,7 +100,12 @@ def train(experiment: types.ModuleType, config: ml_collections.ConfigDict, workd
     _check_experiment(experiment)
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
-    _check_writable(workdir)
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.Lock(workdir):
+        return _train(experiment, config, workdir, devices)
+
+
+def _train(experiment, config, workdir, devices) -> Result:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
@@ -247,15 +253,3 @@ def _check_experiment(experiment) -> None:
     if missing:
         raise TypeError(f"experiment {experiment.__name__} lacks {missing}: an experiment module defines "
                         f"{list(EXPERIMENT_FUNCTIONS)} (eval_step and report may be None)")
-
-
-def _check_writable(workdir: str) -> None:
-    """Fail at start, not after an hour of training, when the workdir cannot be written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"workdir {workdir} is not writable: {e}") from e

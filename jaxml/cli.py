@@ -20,21 +20,72 @@ def experiment_name(experiment: types.ModuleType) -> str:
 
 
 def main(experiment: types.ModuleType) -> None:
-    """Parse flags for `experiment` and train it; `--config=path.py:preset` picks a preset."""
+    """Parse flags for `experiment` and train it.
+
+    `--config=path.py[:preset]` runs a config file (Python: it is code, so only run files
+    you trust); `--config=run.json` a JSON config, e.g. another run's `config.json`, which
+    is data and is checked key by key against the experiment's own config.
+    """
     name = experiment_name(experiment)
-    _check_override_keys(sys.argv[1:], experiment.__file__)
+    argv = sys.argv[1:]
+    _check_override_keys(argv, experiment)
     flags.DEFINE_string("workdir", os.path.join("workdirs", name),
                         "Run directory: config.json, metrics.jsonl, checkpoints, pictures. "
                         "Re-running with the same workdir resumes the run.")
-    config_flags.DEFINE_config_file(
-        "config", default=experiment.__file__, lock_config=True,
-        help_string=f"Config file (default: {name}'s own get_config); add :preset to choose a preset.")
+    spec = _config_spec(argv)
+    if spec is not None and spec.endswith(".json"):
+        # The JSON file is not a flag value config_flags can parse: drop it from argv before
+        # the overrides (--config.a.b=...) are registered from argv.
+        sys.argv = [sys.argv[0]] + [a for a in argv if not a.startswith("--config=")]
+        config_flags.DEFINE_config_dict("config", load_json_config(spec, experiment.get_config()), lock_config=True)
+    else:
+        config_flags.DEFINE_config_file(
+            "config", default=experiment.__file__, lock_config=True,
+            help_string=f"Config file (default: {name}'s own get_config); add :preset to choose a preset, "
+                        "or give a .json config.")
     app.run(functools.partial(_run, experiment))
 
 
-def _load_config(argv: list[str], default_path: str):
-    """The config the flags will be applied to: `--config=path[:preset]` or the experiment's own."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), default_path)
+def _config_spec(argv: list[str]) -> str | None:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+
+
+def load_json_config(path: str, reference: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`reference` (the experiment's defaults) with every value from the JSON file at `path`;
+    a key the reference does not have is an error naming it."""
+    import json
+
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --config={path}: cannot read a JSON config ({type(e).__name__}: {e})")
+    config = ml_collections.ConfigDict(reference.to_dict())  # unlocked copy, types kept
+
+    def merge(node, values, where):
+        for key, value in values.items():
+            if key not in node:
+                sys.exit(f"error: --config={path}: unknown key {where + key!r}; valid keys of "
+                         f"{where.rstrip('.') or 'the config'}: {', '.join(sorted(node.keys()))}")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                merge(node[key], value, f"{where}{key}.")
+            else:
+                # JSON has no tuples; the defaults say where a list should be one.
+                node[key] = _tuples(value) if isinstance(node[key], tuple) else value
+
+    merge(config, values, "")
+    return config
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _load_config(argv: list[str], experiment: types.ModuleType):
+    """The config the flags will be applied to: `--config=...` or the experiment's own."""
+    spec = _config_spec(argv) or experiment.__file__
+    if spec.endswith(".json"):
+        return load_json_config(spec, experiment.get_config())
     path, _, preset = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("jaxml_config_file", path)
     if module_spec is None or not os.path.exists(path):
@@ -44,12 +95,12 @@ def _load_config(argv: list[str], default_path: str):
     return module.get_config(preset) if preset else module.get_config()
 
 
-def _check_override_keys(argv: list[str], default_path: str) -> None:
+def _check_override_keys(argv: list[str], experiment: types.ModuleType) -> None:
     """A mistyped `--config.a.b=...` fails here with the valid keys, before JAX starts."""
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if not overrides:
         return
-    config = _load_config(argv, default_path)
+    config = _load_config(argv, experiment)
     for key in overrides:
         node, walked = config, []
         for part in key.split("."):
@@ -69,7 +120,13 @@ def _run(experiment: types.ModuleType, argv) -> None:
         # see. --verbosity=0 brings the INFO lines back.
         logging.set_verbosity(logging.WARNING)
     # Imported here so `--help` and flag errors come before JAX starts.
+    from jaxml import config as config_lib
     from jaxml.train import loop
+
+    try:
+        config_lib.validate(FLAGS.config)  # bad values are a one-line error, before anything compiles
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     if FLAGS.config.eval.kfold:
         from jaxml.train import selection

@@ -122,6 +122,7 @@ def _run(experiment: types.ModuleType, argv) -> None:
     # Imported here so `--help` and flag errors come before JAX starts.
     from jaxml import config as config_lib
     from jaxml.train import loop
+    from jaxml.train.checkpoint import CheckpointSaveError
 
     try:
         config_lib.validate(FLAGS.config)  # bad values are a one-line error, before anything compiles
@@ -135,7 +136,7 @@ def _run(experiment: types.ModuleType, argv) -> None:
         return
     try:
         result = loop.train(experiment, FLAGS.config, FLAGS.workdir)
-    except loop.NonFiniteError as e:
+    except (loop.NonFiniteError, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if result.preempted:

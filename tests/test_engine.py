@@ -211,3 +211,26 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert "preempted at step" in out
     step = int(out.split("preempted at step ")[1].split(";")[0])
     assert step >= 50 and str(step) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from jaxml.train.checkpoint import CheckpointSaveError
+
+    real_save = ocp.CheckpointManager.save
+
+    def disk_full_from_step_8(self, step, *args, **kwargs):
+        if step >= 8:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_from_step_8)
+    with pytest.raises(CheckpointSaveError, match=r"step 8 .*No space left.*previous checkpoint \(step 4\) is intact"):
+        loop.train(cnn, tiny_config(), str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == ["4"]
+    resumed = loop.train(cnn, tiny_config(), str(tmp_path))
+    straight = loop.train(cnn, tiny_config(), str(tmp_path / "straight"))
+    assert resumed.step == 12
+    assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)

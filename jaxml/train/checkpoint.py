@@ -30,6 +30,10 @@ class IncompatibleCheckpointError(ValueError):
     """A readable checkpoint whose arrays do not match the model being trained."""
 
 
+class CheckpointSaveError(OSError):
+    """A save failed (a full disk, a lost mount); the checkpoints before it are intact."""
+
+
 @dataclasses.dataclass
 class Restored:
     state: PyTree
@@ -68,6 +72,7 @@ class Checkpointer:
                  max_to_keep: int | None = -1):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, name)
+        self.failed = False
         max_to_keep = cfg.max_to_keep if max_to_keep == -1 else max_to_keep
         self._warn_half_written()
         self.manager = ocp.CheckpointManager(
@@ -99,12 +104,26 @@ class Checkpointer:
              config: ml_collections.ConfigDict, meta: dict | None = None) -> None:
         """Start saving `state` (plain, unreplicated) at `step`; returns before the write ends when async."""
         meta = {**(meta or {}), "step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
-            meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ), force=True)
+        previous = self.manager.latest_step()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+                meta=ocp.args.JsonSave(meta),
+                config=ocp.args.JsonSave(config.to_dict()),
+            ), force=True)
+        except Exception as e:  # noqa: BLE001 -- raised again with what the user needs to know
+            self._fail(step, previous, e)
+
+    def _fail(self, step: int | None, previous: int | None, error: Exception):
+        self.failed = True
+        # Orbax writes into a temporary directory and renames it only when complete, so a
+        # failed save leaves every earlier checkpoint as it was.
+        raise CheckpointSaveError(
+            f"saving the checkpoint{'' if step is None else f' of step {step}'} in {self.directory} failed "
+            f"({type(error).__name__}: {error}). "
+            + ("Earlier checkpoints are intact" if previous is None else f"The previous checkpoint (step {previous}) is intact")
+            + "; free space (or fix the path) and run the same command again to resume.") from error
 
     def restore_latest(self, abstract_state: PyTree, iterator=None) -> Restored | None:
         """Restore the newest readable checkpoint into `abstract_state`'s shapes and shardings.
@@ -163,10 +182,13 @@ class Checkpointer:
         """True when the multi-host preemption sync point says to save now."""
         return self.manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        """Block until pending async saves are committed."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending async saves (raising CheckpointSaveError if one failed), then close."""
+        try:
+            if not self.failed:
+                try:
+                    self.manager.wait_until_finished()
+                except Exception as e:  # noqa: BLE001 -- an async write failed in the background
+                    self._fail(None, None, e)
+        finally:
+            self.manager.close()

@@ -14,14 +14,12 @@ Goal (issue 2): engine / bare <= 1.05.
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from experiments import cnn

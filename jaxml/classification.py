@@ -1,0 +1,77 @@
+"""The supervised-classification step, eval sums and report shared by the classifier experiments.
+
+An experiment (cnn, mlp, resnet, vit) keeps what is its own: the model, how images become
+inputs (augmentation, resizing), the config. The cross-entropy step (with BatchNorm
+statistics and an EMA when the state has them), the summed eval metrics and the
+confusion-matrix report are the same for all of them, so they live here once.
+"""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxml import losses, metrics, plots
+from jaxml.train import log, optim, parallel
+from jaxml.train.state import TrainState
+
+
+def _variables(state: TrainState, params) -> dict:
+    return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}
+
+
+def train_step(config: ml_collections.ConfigDict, state: TrainState, model: nn.Module, inputs, labels_B,
+               dropout_rng) -> tuple[TrainState, dict]:
+    """One cross-entropy step of `model` on prepared `inputs`; BatchNorm statistics update when kept."""
+    has_bn = state.batch_stats is not None
+
+    def loss_fn(params):
+        logits, updates = model.apply(_variables(state, params), inputs, train=True, rngs={"dropout": dropout_rng},
+                                      mutable=["batch_stats"] if has_bn else [])
+        return losses.cross_entropy(logits, labels_B).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = parallel.mean_over_devices(grads)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    new_state = state.apply_gradients(grads, tx, ema_decay=config.optim.ema_decay,
+                                      batch_stats=updates.get("batch_stats", state.batch_stats))
+    return new_state, {
+        "loss": loss,
+        "accuracy": metrics.correct(logits, labels_B).mean(),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": optim.make_schedule(config.optim, config.train.steps)(state.step),
+    }
+
+
+def eval_step(state: TrainState, model: nn.Module, inputs, labels_B, mask_B, num_classes: int,
+              top_k: int = 0) -> dict:
+    """Sums over the real examples: loss, accuracy, top-k accuracy (k > 0), count, confusion matrix.
+
+    Evaluates the EMA of the params when the state keeps one, and BatchNorm's running
+    statistics (so padding rows move nothing)."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    logits = model.apply(_variables(state, params), inputs, train=False)
+    sums = {
+        "loss": (losses.cross_entropy(logits, labels_B) * mask_B).sum(),
+        "accuracy": (metrics.correct(logits, labels_B) * mask_B).sum(),
+        "count": mask_B.sum(),
+        "confusion": metrics.confusion_matrix(jnp.argmax(logits, -1), labels_B, num_classes, mask_B),
+    }
+    if top_k:
+        sums[f"top{top_k}_accuracy"] = (metrics.top_k_correct(logits, labels_B, top_k) * mask_B).sum()
+    return sums
+
+
+def report(workdir: str, eval_sums: dict | None, title: str) -> None:
+    """Prints accuracy and macro precision / recall / F1; writes confusion_matrix.png."""
+    if eval_sums is None:
+        return
+    acc = float(eval_sums["accuracy"]) / float(eval_sums["count"])
+    prf = metrics.precision_recall_f1(eval_sums["confusion"])
+    log.info(f"{title}: accuracy {acc:.4f}  macro precision {float(prf['precision']):.4f}  "
+             f"recall {float(prf['recall']):.4f}  F1 {float(prf['f1']):.4f}")
+    plots.confusion_matrix(os.path.join(workdir, "confusion_matrix.png"), eval_sums["confusion"],
+                           title=f"{title}: accuracy {acc:.2%}")

@@ -18,7 +18,6 @@ import ml_collections
 from jaxml import config as config_lib
 from jaxml import classification, data
 from jaxml.models import cnn
-from jaxml.train import optim
 from jaxml.train.state import TrainState
 
 
@@ -76,10 +75,7 @@ def _inputs(batch) -> jax.Array:
 
 
 def init(config, rng, batch) -> TrainState:
-    variables = model(config).init({"params": rng}, _inputs(batch), train=False)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
-    return TrainState.create(variables["params"], tx, ema_decay=config.optim.ema_decay,
-                             batch_stats=variables.get("batch_stats"))
+    return classification.init(config, model(config), _inputs(batch), rng)
 
 
 def train_step(config, state: TrainState, batch, rng):

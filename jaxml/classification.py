@@ -23,6 +23,14 @@ def _variables(state: TrainState, params) -> dict:
     return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}
 
 
+def init(config: ml_collections.ConfigDict, model: nn.Module, inputs, rng) -> TrainState:
+    """Params (and BatchNorm statistics, EMA) of `model` for example `inputs`, with the config's optimizer."""
+    variables = model.init({"params": rng}, inputs, train=False)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    return TrainState.create(variables["params"], tx, ema_decay=config.optim.ema_decay,
+                             batch_stats=variables.get("batch_stats"))
+
+
 def train_step(config: ml_collections.ConfigDict, state: TrainState, model: nn.Module, inputs, labels_B,
                dropout_rng) -> tuple[TrainState, dict]:
     """One cross-entropy step of `model` on prepared `inputs`; BatchNorm statistics update when kept."""

@@ -7,11 +7,15 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Datasets prepared by tests go to a throwaway dir, never the user's ~/tensorflow_datasets.
-os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="jaxml-tfds-"))
+# Each pytest-xdist worker gets its own (it would otherwise inherit the controller's and two
+# workers would prepare the same dataset into one dir at once).
+if "PYTEST_XDIST_WORKER" in os.environ or "TFDS_DATA_DIR" not in os.environ:
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxml-tfds-")
 # A compilation cache for the session (subprocesses inherit it): resume and parity tests
 # compile the same programs again, and a cached executable is the same program, so the
 # numbers are unchanged.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxml-xla-cache-"))
+if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxml-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

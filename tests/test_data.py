@@ -64,7 +64,7 @@ def test_dataset_info_of_digits(data_dir):
 
 
 def test_unknown_dataset_name_lists_the_choices(data_dir):
-    with pytest.raises(ValueError, match=r"unknown dataset 'digitz'.*\['digits'\].*tfds.list_builders"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'digitz'.*\['digits', .*'addition'\].*tfds.list_builders"):
         data.load_source("digitz", "train", data_dir)
 
 

@@ -15,8 +15,12 @@ import PIL.Image  # noqa: F401  -- before tfds: its Image feature decodes with P
 import tensorflow_datasets as tfds
 
 from jaxml.data import digits  # registers the `digits` builder with TFDS
+from jaxml.data import tabular  # registers `diabetes` and `breast_cancer`
+from jaxml.data import arithmetic  # registers `addition` (generated seq2seq problems)
+from jaxml.data import text_windows  # registers `text_windows` (stdlib source text)
 
-OFFLINE_DATASETS = (digits.Digits.name,)
+OFFLINE_DATASETS = (digits.Digits.name, tabular.Diabetes.name, tabular.BreastCancer.name, text_windows.TextWindows.name,
+                    arithmetic.Addition.name)
 _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD  # the random-access format data_source reads
 # TFDS retries a failed download 10 times with exponential backoff (about 3.5 minutes
 # without a network), so one quick request decides first whether to try at all.

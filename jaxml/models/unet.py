@@ -1,0 +1,134 @@
+"""Diffusion U-Net: sinusoidal time embedding, GroupNorm residual blocks with time/class
+conditioning, self-attention at chosen resolutions, optional cross-attention to a
+conditioning sequence, skip connections and configurable channel multipliers.
+
+Attention is `jaxml.models.attention.MultiHeadAttention`, the project's one implementation.
+"""
+
+import functools
+import math
+from typing import Sequence
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxml.models.attention import MultiHeadAttention
+
+
+def timestep_embedding(t_B: Int[Array, "B"], dim: int, max_period: float = 10_000.0) -> Float[Array, "B D"]:
+    """Sinusoidal embedding of integer noise levels (Transformer positions), [cos | sin] halves."""
+    if dim % 2:
+        raise ValueError(f"timestep embedding dim must be even, got {dim}")
+    half = dim // 2
+    freqs_H = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args_BxH = t_B.astype(jnp.float32)[:, None] * freqs_H[None, :]
+    return jnp.concatenate([jnp.cos(args_BxH), jnp.sin(args_BxH)], axis=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-swish-conv twice, the embedding added in between as a per-channel shift."""
+
+    features: int
+    groups: int = 8
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC, emb_BxE, train: bool):
+        h = nn.Conv(self.features, (3, 3))(nn.swish(nn.GroupNorm(self.groups)(x_BxHxWxC)))
+        h = h + nn.Dense(self.features)(nn.swish(emb_BxE))[:, None, None, :]
+        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        # Zero-init last conv: each block starts as the identity, which trains deep U-Nets stably.
+        h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        skip = x_BxHxWxC if x_BxHxWxC.shape[-1] == self.features else nn.Dense(self.features)(x_BxHxWxC)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm self-attention over the H*W positions, then cross-attention to `context` if given."""
+
+    num_heads: int
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC, context_BxSxD=None):
+        _, height, width, _ = x_BxHxWxC.shape
+        x_BxLxC = einops.rearrange(x_BxHxWxC, "b h w c -> b (h w) c")
+        x_BxLxC = x_BxLxC + MultiHeadAttention(num_heads=self.num_heads)(nn.LayerNorm()(x_BxLxC))
+        if context_BxSxD is not None:
+            # MultiHeadAttention projects the context's own width D to keys and values.
+            x_BxLxC = x_BxLxC + MultiHeadAttention(num_heads=self.num_heads)(nn.LayerNorm()(x_BxLxC), context_BxSxD)
+        return einops.rearrange(x_BxLxC, "b (h w) c -> b h w c", h=height, w=width)
+
+
+class UNet(nn.Module):
+    """eps/x0/v-predicting U-Net; `num_classes` adds a class embedding whose extra index
+    `num_classes` means "no class" (classifier-free guidance); `context_dim` enables cross-attention."""
+
+    channels: int = 64
+    channel_mults: Sequence[int] = (1, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (4,)  # spatial sizes (H) that get attention
+    num_heads: int = 4
+    num_classes: int | None = None
+    context_dim: int | None = None
+    dropout: float = 0.0
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], t_B: Int[Array, "B"],
+                 labels_B: Int[Array, "B"] | None = None, context_BxSxD: Float[Array, "B S D"] | None = None,
+                 train: bool = False) -> Float[Array, "B H W C"]:
+        batch, height, width, in_channels = x_BxHxWxC.shape
+        levels = len(self.channel_mults)
+        if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
+            raise ValueError(f"UNet with {levels} resolutions needs H and W divisible by {2 ** (levels - 1)}, "
+                             f"got {(height, width)}")
+        if (labels_B is None) != (self.num_classes is None):
+            raise ValueError(f"UNet(num_classes={self.num_classes}) needs labels exactly when num_classes is set, "
+                             f"got labels={'None' if labels_B is None else labels_B.shape}")
+        if (context_BxSxD is None) != (self.context_dim is None):
+            raise ValueError(f"UNet(context_dim={self.context_dim}) needs a context exactly when context_dim is "
+                             f"set, got context={'None' if context_BxSxD is None else context_BxSxD.shape}")
+        if context_BxSxD is not None and context_BxSxD.shape[-1] != self.context_dim:
+            raise ValueError(f"context last dim: expected {self.context_dim}, got {context_BxSxD.shape}")
+        emb_dim = 4 * self.channels
+        emb_BxE = timestep_embedding(t_B, self.channels)
+        emb_BxE = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb_BxE)))
+        if self.num_classes is not None:
+            emb_BxE = emb_BxE + nn.Embed(self.num_classes + 1, emb_dim)(labels_B)
+        res = functools.partial(ResBlock, groups=self.groups, dropout=self.dropout)
+        attn = functools.partial(AttentionBlock, num_heads=self.num_heads, groups=self.groups)
+
+        h = nn.Conv(self.channels, (3, 3))(x_BxHxWxC)
+        skips = [h]
+        for level, mult in enumerate(self.channel_mults):
+            for _ in range(self.num_res_blocks):
+                h = res(self.channels * mult)(h, emb_BxE, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn()(h, context_BxSxD)
+                skips.append(h)
+            if level < levels - 1:
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+                skips.append(h)
+        h = res(h.shape[-1])(h, emb_BxE, train)
+        h = attn()(h, context_BxSxD)
+        h = res(h.shape[-1])(h, emb_BxE, train)
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for _ in range(self.num_res_blocks + 1):
+                h = res(self.channels * mult)(jnp.concatenate([h, skips.pop()], axis=-1), emb_BxE, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn()(h, context_BxSxD)
+            if level > 0:
+                b, hh, ww, c = h.shape
+                h = nn.Conv(c, (3, 3))(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))  # nearest 2x up
+        assert not skips, len(skips)
+        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        # Zero-init output: the untrained model predicts 0, a safe start for every target.
+        return nn.Conv(in_channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
+
+
+Tiny = functools.partial(UNet, channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                         num_heads=2, groups=4)

@@ -1,0 +1,71 @@
+"""MultiHeadAttention: shapes, fused == einsum reference, padding masks, grouped-query heads, RoPE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxml.models import attention
+
+
+def _init_apply(module, *args, **kw):
+    variables = module.init(jax.random.key(0), *args, **kw)
+    return variables, module.apply(variables, *args, **kw)
+
+
+def test_self_and_cross_attention_shapes():
+    x_BxLxD = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    context_BxSxC = jax.random.normal(jax.random.key(2), (2, 7, 8))
+    _, y = _init_apply(attention.MultiHeadAttention(num_heads=4), x_BxLxD)
+    assert y.shape == (2, 5, 16) and np.isfinite(y).all()
+    variables, y = _init_apply(attention.MultiHeadAttention(num_heads=4), x_BxLxD, context_BxSxC)
+    assert y.shape == (2, 5, 16)
+    assert variables["params"]["key"]["kernel"].value.shape == (8, 4, 4)  # (C, heads, head_dim)
+
+
+@pytest.mark.parametrize("kv_heads,causal,rope", [(None, False, False), (2, True, True), (1, True, False)])
+def test_fused_equals_einsum(kv_heads, causal, rope):
+    x_BxLxD = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    valid_BxS = jnp.array([[True] * 6, [True] * 4 + [False] * 2])
+    mask = attention.key_padding_mask(valid_BxS, 6)
+    kw = dict(num_heads=4, num_kv_heads=kv_heads, causal=causal, rope=rope)
+    variables, ref = _init_apply(attention.MultiHeadAttention(**kw), x_BxLxD, None, mask)
+    fused = attention.MultiHeadAttention(**kw, use_fused=True).apply(variables, x_BxLxD, None, mask)
+    np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_padding_mask_makes_output_independent_of_pad_content(use_fused):
+    x_BxLxD = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    valid_BxS = jnp.array([[True] * 6, [True] * 3 + [False] * 3])
+    mask = attention.key_padding_mask(valid_BxS, 6)
+    module = attention.MultiHeadAttention(num_heads=2, use_fused=use_fused)
+    variables, y = _init_apply(module, x_BxLxD, None, mask)
+    noise = jax.random.normal(jax.random.key(3), x_BxLxD.shape) * 100
+    x_other = jnp.where(valid_BxS[..., None], x_BxLxD, noise)
+    y_other = module.apply(variables, x_other, None, mask)
+    # Real positions are unchanged whatever the padding holds.
+    np.testing.assert_allclose(y_other[1, :3], y[1, :3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_other[0], y[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_has_fewer_kv_params():
+    x = jnp.ones((1, 3, 32))
+    variables, _ = _init_apply(attention.MultiHeadAttention(num_heads=8, num_kv_heads=2), x)
+    assert variables["params"]["key"]["kernel"].value.shape == (32, 2, 4)
+    assert variables["params"]["query"]["kernel"].value.shape == (32, 8, 4)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+    score = lambda i, j: float(jnp.sum(attention.apply_rope(q, jnp.array([i])) * attention.apply_rope(k, jnp.array([j]))))
+    assert score(3, 1) == pytest.approx(score(7, 5), rel=1e-4)
+
+
+def test_bad_mask_shape_and_decode_without_causal_fail_loudly():
+    x = jnp.ones((2, 4, 8))
+    with pytest.raises(ValueError, match="expected shape"):
+        attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, None, jnp.ones((2, 4, 5), bool))
+    with pytest.raises(ValueError, match="causal=True"):
+        attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, decode=True)

@@ -1,0 +1,86 @@
+"""Transformer models: causality via gradients, scan == unrolled stack, tied/untied heads, encoder padding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jaxml.models import transformer
+
+
+def _tokens(shape, vocab=50, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def _stack(scan_layers, causal=True, layers=3):
+    block = functools.partial(transformer.TransformerBlock, num_heads=2, mlp_dim=32, causal=causal)
+    return transformer.TransformerStack(layers, block, scan_layers=scan_layers)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_causality_gradient_after_t_is_zero(rope):
+    block = functools.partial(transformer.TransformerBlock, num_heads=2, mlp_dim=32, causal=True, rope=rope)
+    stack = transformer.TransformerStack(2, block)
+    x_LxD = jax.random.normal(jax.random.key(0), (10, 16))
+    variables = jax.jit(stack.init)(jax.random.key(1), x_LxD[None])
+    t = 4
+    grad_LxD = jax.jit(jax.grad(lambda x: stack.apply(variables, x[None])[0, t].sum()))(x_LxD)
+    assert np.abs(grad_LxD[t + 1:]).max() == 0.0
+    assert np.abs(grad_LxD[: t + 1]).min(axis=-1).max() > 0.0
+
+
+def test_lm_logits_up_to_t_ignore_later_tokens():
+    model = transformer.Tiny(vocab_size=50)
+    tokens = _tokens((2, 12))
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    changed = tokens.at[:, 7:].set((tokens[:, 7:] + 1) % 50)
+    apply = jax.jit(model.apply)
+    a, b = apply(variables, tokens), apply(variables, changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    assert np.abs(a[:, 7:] - b[:, 7:]).max() > 0
+
+
+def test_scan_stack_equals_unrolled_stack():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    scanned = nn.unbox(jax.jit(_stack(True).init)(jax.random.key(1), x))
+    # The same weights, unstacked into the unrolled layout.
+    stacked = scanned["params"]["layers"]
+    unrolled = {"params": {f"layer_{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(3)}}
+    np.testing.assert_allclose(jax.jit(_stack(False).apply)(unrolled, x), jax.jit(_stack(True).apply)(scanned, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_tied_and_untied_parameter_counts():
+    def count(m):
+        shapes = jax.eval_shape(m.init, jax.random.key(0), _tokens((1, 4)))
+        return sum(a.size for a in jax.tree.leaves(nn.unbox(shapes)))
+
+    tied, untied = count(transformer.Tiny(vocab_size=50)), count(transformer.Tiny(vocab_size=50, tied_embedding=False))
+    assert untied - tied == 32 * 50 + 50  # the unembedding kernel and bias
+
+
+def test_remat_gives_same_gradients():
+    tokens = _tokens((2, 8))
+    plain, remat = transformer.Tiny(vocab_size=50), transformer.Tiny(vocab_size=50, remat=True)
+    variables = jax.jit(plain.init)(jax.random.key(0), tokens)
+    grad = lambda m: jax.jit(jax.grad(lambda v: m.apply(v, tokens).sum()))(variables)
+    for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_ignores_padding_content_and_seq2seq_shapes():
+    encoder = transformer.Encoder(vocab_size=20, num_layers=2, features=32, num_heads=4, mlp_dim=64)
+    src = _tokens((2, 8), vocab=20)
+    valid = jnp.arange(8)[None] < jnp.array([[8], [5]])
+    variables = jax.jit(encoder.init)(jax.random.key(0), src, valid)
+    other = jnp.where(valid, src, (src + 3) % 20)
+    apply = jax.jit(encoder.apply)
+    a, b = apply(variables, src, valid), apply(variables, other, valid)
+    np.testing.assert_allclose(a[1, :5], b[1, :5], rtol=1e-5, atol=1e-5)
+    model = transformer.EncoderDecoder(vocab_size=20, features=32, num_heads=4, mlp_dim=64)
+    out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), src, src[:, :5], valid), src,
+                                             src[:, :5], valid))
+    assert out.shape == (2, 5, 20)

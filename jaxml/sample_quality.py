@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.linalg
 
 from jaxml import losses
 from jaxml.models import cnn
@@ -94,9 +93,18 @@ def frechet_distance(features_a_NxD: np.ndarray, features_b_MxD: np.ndarray) -> 
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # A small ridge keeps the product's square root defined when there are fewer samples than features.
     ridge = 1e-6 * np.eye(cov_a.shape[0])
-    covmean, _ = scipy.linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge), disp=False)
-    covmean = covmean.real  # tiny imaginary parts come from numerical error
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * covmean))
+    # tr(sqrt(A B)) = tr(sqrt(sqrt(A) B sqrt(A))), and the latter is symmetric PSD: eigh is
+    # exact and stable, with no complex round-off (and no scipy.linalg.sqrtm, whose API changed).
+    sqrt_a = _sqrt_psd(cov_a + ridge)
+    eigenvalues = np.linalg.eigvalsh(sqrt_a @ (cov_b + ridge) @ sqrt_a)
+    trace_covmean = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_covmean)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
 def classifier_frechet_distance(classifier: Classifier, images_a, images_b) -> float:

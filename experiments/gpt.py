@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections

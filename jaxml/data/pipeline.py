@@ -25,7 +25,7 @@ def train_dataset(source: Sequence[dict[str, Any]], *, global_batch_size: int, s
                   process_index: int = 0, process_count: int = 1,
                   num_workers: int = 0) -> grain.IterDataset:
     """Endless shuffled local batches (leading dim global_batch_size // process_count); iterators checkpoint."""
-    local = _local_batch_size(global_batch_size, process_index, process_count)
+    _local_batch_size(global_batch_size, process_index, process_count)  # validates the split of the batch over processes
     if len(source) == 0:
         raise ValueError("train_dataset: the source is empty")
     if num_workers < 0:

@@ -150,7 +150,7 @@ def eval_step(config, state: TrainState, batch):
     }
 
 
-def final_metrics(config, eval_sums) -> dict[str, float]:
+def eval_metrics(config, eval_sums) -> dict[str, float]:
     """The split's metrics from the summed eval arrays: MSE / MAE / R^2, or accuracy / P / R / F1 / AUC."""
     count = float(eval_sums["count"])
     if config.model.task == "regression":
@@ -191,7 +191,7 @@ def report(config, state, workdir, eval_sums) -> None:
     """Prints jaxml's and scikit-learn's test metrics side by side, logs them, and writes the PNG."""
     if eval_sums is None:
         return
-    ours, theirs = final_metrics(config, eval_sums), sklearn_baseline(config)
+    ours, theirs = eval_metrics(config, eval_sums), sklearn_baseline(config)
     log.info(f"{config.data.name} {config.data.eval_split}: " + "  ".join(f"{k} {v:.4f}" for k, v in ours.items()))
     log.info("  vs scikit-learn: " + "  ".join(f"{k} {ours[k]:.4f} (sklearn {v:.4f})" for k, v in theirs.items()))
     step = int(state.step)

@@ -122,6 +122,9 @@ def eval_step(config, state: TrainState, batch):
                                     config.model.num_classes, top_k=5)
 
 
+eval_metrics = classification.eval_metrics  # macro precision / recall / F1 logged with every eval
+
+
 def report(config, state, workdir, eval_sums) -> None:
     """Prints precision / recall / F1 and writes confusion_matrix.png for the final test eval."""
     classification.report(workdir, eval_sums, f"{config.model.variant}, {config.data.name} {config.data.eval_split}")

@@ -100,6 +100,9 @@ def eval_step(config, state: TrainState, batch):
                                     batch["mask"], config.model.num_classes)
 
 
+eval_metrics = classification.eval_metrics  # macro precision / recall / F1 logged with every eval
+
+
 def report(config, state, workdir, eval_sums) -> None:
     """Prints precision / recall / F1 and writes confusion_matrix.png for the final test eval."""
     classification.report(workdir, eval_sums, f"ViT, {config.data.name} {config.data.eval_split}")

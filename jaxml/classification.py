@@ -73,13 +73,20 @@ def eval_step(state: TrainState, model: nn.Module, inputs, labels_B, mask_B, num
     return sums
 
 
+def eval_metrics(config: ml_collections.ConfigDict, eval_sums: dict) -> dict[str, float]:
+    """Macro precision / recall / F1 from a split's summed confusion matrix (the loop logs them per eval)."""
+    del config
+    prf = metrics.precision_recall_f1(eval_sums["confusion"])
+    return {k: float(prf[k]) for k in ("precision", "recall", "f1")}
+
+
 def report(workdir: str, eval_sums: dict | None, title: str) -> None:
     """Prints accuracy and macro precision / recall / F1; writes confusion_matrix.png."""
     if eval_sums is None:
         return
     acc = float(eval_sums["accuracy"]) / float(eval_sums["count"])
-    prf = metrics.precision_recall_f1(eval_sums["confusion"])
-    log.info(f"{title}: accuracy {acc:.4f}  macro precision {float(prf['precision']):.4f}  "
-             f"recall {float(prf['recall']):.4f}  F1 {float(prf['f1']):.4f}")
+    prf = eval_metrics(None, eval_sums)
+    log.info(f"{title}: accuracy {acc:.4f}  macro precision {prf['precision']:.4f}  "
+             f"recall {prf['recall']:.4f}  F1 {prf['f1']:.4f}")
     plots.confusion_matrix(os.path.join(workdir, "confusion_matrix.png"), eval_sums["confusion"],
                            title=f"{title}: accuracy {acc:.2%}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import linear, mlp, resnet
-from jaxml.train import loop
+from jaxml.train import log, loop
 
 
 def _config(experiment, preset, data_dir):
@@ -38,6 +38,15 @@ def test_tiny_preset_runs_and_resumes_identically(tmp_path, data_dir, experiment
     if "confusion" in full.eval_sums:
         assert float(full.eval_sums["confusion"].sum()) == num_test
     assert all(np.isfinite(v) for v in full.eval_metrics.values())
+    # Derived metrics (F1, R^2, ROC AUC) are logged with every eval, from that split's sums.
+    derived = experiment.eval_metrics(full_config := _config(experiment, preset, data_dir), full.eval_sums)
+    assert derived and {f"eval/{k}" for k in derived} <= set(full.eval_metrics)
+    for k, v in derived.items():
+        assert full.eval_metrics[f"eval/{k}"] == pytest.approx(v, nan_ok=True)
+    periodic = [r for r in log.read_metrics(str(tmp_path / "full")) if r["step"] < full.step]
+    key = "val/" + next(iter(derived)) if full_config.data.validation_split or full_config.data.validation_fraction \
+        else "eval/" + next(iter(derived))
+    assert any(key in r for r in periodic), f"{key} missing from the periodic evals"
     # Resume from the second-to-last checkpoint: same final params, statistics and eval numbers.
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(full.step))

@@ -6,12 +6,17 @@ first (the loop binds it); one it does not need is set to None at module level:
   train_step(config, state, batch, rng) -> (state, metrics)   # metrics: flat dict of scalars
   eval_step(config, state, batch) -> sums                      # or None
   report(config, state, workdir, eval_sums) -> None            # or None; host side, process 0
+and optionally
+  eval_metrics(config, eval_sums) -> {name: float}             # host side, derived metrics
 
 `eval_step` returns *sums* over the real examples of the batch (`batch["mask"]` is 0 for
 padding) and a `count`; the loop adds them over the whole split and logs each scalar sum
 divided by the count, so a partial last batch is weighted correctly: `val/<name>` on the
 validation split (periodic evals and early stopping, when there is one), `eval/<name>` on
-the test split. `report` gets the summed arrays of the final test eval.
+the test split. Metrics that are not means of per-example values (F1 from a summed confusion
+matrix, ROC AUC from threshold counts, R^2) come from the optional `eval_metrics`, computed
+from the split's sums after every eval and logged under the same prefixes (so early stopping
+can watch `val/f1`). `report` gets the summed arrays of the final test eval.
 """
 
 import dataclasses
@@ -80,8 +85,8 @@ def _host(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(placement, state, source, batch_size: int, prefix: str) -> tuple[dict, dict]:
-    """One pass over `source`: (`<prefix>/<name>` means, the raw summed arrays)."""
+def evaluate(placement, state, source, batch_size: int, prefix: str, summarize=None) -> tuple[dict, dict]:
+    """One pass over `source`: (`<prefix>/<name>` means and `summarize(sums)`, the raw summed arrays)."""
     sums = None
     for local in data_lib.eval_batches(source, global_batch_size=batch_size,
                                        process_index=jax.process_index(),
@@ -91,6 +96,8 @@ def evaluate(placement, state, source, batch_size: int, prefix: str) -> tuple[di
     sums = {k: np.asarray(v) for k, v in jax.device_get(sums).items()}
     count = float(sums["count"])
     means = {f"{prefix}/{k}": float(v) / count for k, v in sums.items() if k != "count" and np.ndim(v) == 0}
+    if summarize is not None:
+        means.update({f"{prefix}/{k}": float(v) for k, v in summarize(sums).items()})
     return means, sums
 
 
@@ -180,8 +187,11 @@ def _train(experiment, config, workdir, devices) -> Result:
             window.clear()
             writer.write(step, row)
 
+    summarize = functools.partial(experiment.eval_metrics, config) \
+        if getattr(experiment, "eval_metrics", None) is not None else None
+
     def run_eval(step, source, prefix):
-        metrics, sums = evaluate(placement, state, source, dc.eval_batch_size, prefix)
+        metrics, sums = evaluate(placement, state, source, dc.eval_batch_size, prefix, summarize)
         writer.write(step, metrics)
         log.info(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics, sums

@@ -6,11 +6,15 @@ Configs are `<corpus>_<window>`:
                           prepared as array_record first; see jaxml/data/sources.py)
   pymodules_128           sequence classification: which stdlib package a 128-byte window
                           comes from (7 classes; validation is a later, disjoint part of each package)
+  imdb_reviews_512        sentiment classification: the first 512 bytes of each TFDS `imdb_reviews`
+                          review, zero-padded, with its length (splits train / test, as TFDS's)
 LM examples are {"tokens": uint8[window + 1]} (inputs [:-1], targets [1:]); classification
-examples are {"tokens": uint8[window], "label"}.
+examples are {"tokens": uint8[window], "label"}, plus "length" (real bytes before the padding)
+for corpora of variable-length documents.
 """
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,6 +29,8 @@ class WindowsConfig(tfds.core.BuilderConfig):
     corpus: str = "pystdlib"
     window: int = 64
     classify: bool = False
+    labels: tuple[str, ...] = text.MODULE_CLASSES  # classify: the class names
+    splits: tuple[str, ...] = ("train", "validation")
 
 
 def _configs():
@@ -34,7 +40,17 @@ def _configs():
            for c, w in lm]
     out.append(WindowsConfig(name="pymodules_128", corpus="pymodules", window=128, classify=True,
                              description="128-byte windows of stdlib packages labelled by package"))
+    out.append(WindowsConfig(name="imdb_reviews_512", corpus="imdb_reviews", window=512, classify=True,
+                             labels=("neg", "pos"), splits=("train", "test"),
+                             description="first 512 bytes of each IMDB review, zero-padded, with its length"))
     return out
+
+
+def _documents(cfg: WindowsConfig, split: str, data_dir: str | None) -> Iterator[dict]:
+    """The records of a prepared TFDS text dataset (`cfg.corpus`) in `data_dir`."""
+    source = tfds.data_source(cfg.corpus, split=split, data_dir=data_dir, download=False,
+                              builder_kwargs={"file_format": tfds.core.FileFormat.ARRAY_RECORD})
+    return (source[i] for i in range(len(source)))
 
 
 class TextWindows(tfds.core.GeneratorBasedBuilder):
@@ -48,7 +64,9 @@ class TextWindows(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         if cfg.classify:
             features = {"tokens": tfds.features.Tensor(shape=(cfg.window,), dtype=np.uint8),
-                        "label": tfds.features.ClassLabel(names=list(text.MODULE_CLASSES))}
+                        "label": tfds.features.ClassLabel(names=list(cfg.labels))}
+            if cfg.corpus != "pymodules":
+                features["length"] = tfds.features.Scalar(dtype=np.int32)
         else:
             features = {"tokens": tfds.features.Tensor(shape=(cfg.window + 1,), dtype=np.uint8)}
         return tfds.core.DatasetInfo(
@@ -57,19 +75,23 @@ class TextWindows(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # offline corpora are on disk; TFDS corpora are read from their prepared files
-        return {split: self._generate_examples(split) for split in ("train", "validation")}
+        return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
     def _generate_examples(self, split: str):
         cfg = self.builder_config
-        if cfg.classify:
+        if cfg.classify and cfg.corpus == "pymodules":
             yield from self._classification_examples(split)
+            return
+        if cfg.classify:  # a labelled TFDS text dataset: one truncated, padded row per document
+            for i, record in enumerate(_documents(cfg, split, self.data_dir_root)):
+                row = np.frombuffer(record["text"], np.uint8)[:cfg.window]
+                yield i, {"tokens": np.pad(row, (0, cfg.window - len(row))), "length": len(row),
+                          "label": int(record["label"])}
             return
         if cfg.corpus == "pystdlib":
             documents = text.read_documents(text.stdlib_files()[split])
         else:
-            source = tfds.data_source(cfg.corpus, split=split, download=False,
-                                      builder_kwargs={"file_format": tfds.core.FileFormat.ARRAY_RECORD})
-            documents = (np.frombuffer(source[i]["text"], np.uint8) for i in range(len(source)))
+            documents = (np.frombuffer(r["text"], np.uint8) for r in _documents(cfg, split, self.data_dir_root))
         for i, row in enumerate(text.pack_windows(documents, cfg.window)):
             yield i, {"tokens": row}
 

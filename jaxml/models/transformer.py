@@ -35,6 +35,7 @@ class TransformerBlock(nn.Module):
     use_fused: bool = False
     rope: bool = False
     dtype: Any = jnp.float32
+    norm_epsilon: float = 1e-6  # flax's LayerNorm default; GPT-2 uses 1e-5
 
     @nn.compact
     def __call__(self, x_BxLxD: Float[Array, "B L D"], mask_BxLxS: Bool[Array, "B L L"] | None = None,
@@ -48,15 +49,15 @@ class TransformerBlock(nn.Module):
         attention = functools.partial(MultiHeadAttention, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                       dropout=self.attention_dropout, use_fused=self.use_fused, dtype=self.dtype)
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        h = nn.LayerNorm(dtype=self.dtype, name="norm_attention")(x_BxLxD)
+        h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm_attention")(x_BxLxD)
         h = attention(causal=self.causal, rope=self.rope, name="attention")(h, None, mask_BxLxS, train=train,
                                                                              decode=decode)
         x_BxLxD = x_BxLxD + drop(h)
         if self.cross_attention:
-            h = nn.LayerNorm(dtype=self.dtype, name="norm_cross")(x_BxLxD)
+            h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm_cross")(x_BxLxD)
             h = attention(name="cross_attention")(h, context_BxSxC, context_mask_BxLxS, train=train)
             x_BxLxD = x_BxLxD + drop(h)
-        h = nn.LayerNorm(dtype=self.dtype, name="norm_mlp")(x_BxLxD)
+        h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm_mlp")(x_BxLxD)
         h = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "mlp_in")(h))
         h = _dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.dtype, "mlp_out")(drop(h))
         return x_BxLxD + drop(h)
@@ -102,11 +103,12 @@ class TransformerStack(nn.Module):
         return x_BxLxD
 
 
-def _block(cfg, causal: bool, cross_attention: bool) -> functools.partial:
+def _block(cfg, causal: bool, cross_attention: bool, norm_epsilon: float = 1e-6) -> functools.partial:
     return functools.partial(TransformerBlock, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                              num_kv_heads=cfg.num_kv_heads, dropout=cfg.dropout,
                              attention_dropout=cfg.attention_dropout, causal=causal,
-                             cross_attention=cross_attention, use_fused=cfg.use_fused, rope=cfg.rope, dtype=cfg.dtype)
+                             cross_attention=cross_attention, use_fused=cfg.use_fused, rope=cfg.rope, dtype=cfg.dtype,
+                             norm_epsilon=norm_epsilon)
 
 
 class _Embedding(nn.Module):
@@ -160,6 +162,7 @@ class DecoderLM(nn.Module):
     use_fused: bool = False
     rope: bool = False
     dtype: Any = jnp.float32
+    norm_epsilon: float = 1e-6  # LayerNorm epsilon; 1e-5 matches GPT-2 (jaxml.models.gpt2)
 
     @nn.compact
     def __call__(self, tokens_BxL: Int[Array, "B L"], *, train: bool = False,
@@ -167,9 +170,10 @@ class DecoderLM(nn.Module):
         x_BxLxD, embed = _Embedding(self.vocab_size, self.features, self.max_len, not self.rope, self.dtype,
                                     name="embed")(tokens_BxL, decode)
         x_BxLxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
-        x_BxLxD = TransformerStack(self.num_layers, _block(self, causal=True, cross_attention=False),
+        x_BxLxD = TransformerStack(self.num_layers, _block(self, causal=True, cross_attention=False,
+                                                           norm_epsilon=self.norm_epsilon),
                                    self.scan_layers, self.remat, name="decoder")(x_BxLxD, train=train, decode=decode)
-        x_BxLxD = nn.LayerNorm(dtype=self.dtype, name="norm_final")(x_BxLxD)
+        x_BxLxD = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm_final")(x_BxLxD)
         if self.tied_embedding:
             logits_BxLxV = embed.attend(x_BxLxD)
         else:

@@ -32,6 +32,7 @@ def main(experiment: types.ModuleType) -> None:
     flags.DEFINE_string("workdir", os.path.join("workdirs", name),
                         "Run directory: config.json, metrics.jsonl, checkpoints, pictures. "
                         "Re-running with the same workdir resumes the run.")
+    _define_launch_flags()
     spec = _config_spec(argv)
     if spec is not None and spec.endswith(".json"):
         # The JSON file is not a flag value config_flags can parse: drop it from argv before
@@ -44,6 +45,53 @@ def main(experiment: types.ModuleType) -> None:
             help_string=f"Config file (default: {name}'s own get_config); add :preset to choose a preset, "
                         "or give a .json config.")
     app.run(functools.partial(_run, experiment))
+
+
+def _define_launch_flags() -> None:
+    """Multi-host, compilation cache and preflight flags (launch/README.md)."""
+    flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                      "jax.distributed.initialize(): auto = when flags below or a launcher's environment "
+                      "(JAX_COORDINATOR_ADDRESS, SLURM with several tasks, TPU_WORKER_HOSTNAMES) say this "
+                      "is one of several processes; true = always (TPU VM slices: JAX asks the metadata server).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (multi-process runs).")
+    flags.DEFINE_integer("num_processes", None, "How many processes the run has (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+    flags.DEFINE_bool("compile_cache", True, "Keep compiled XLA programs on disk so a re-run skips compiling.")
+    flags.DEFINE_string("compile_cache_dir", None,
+                        "Where compiled programs are kept: default $JAX_COMPILATION_CACHE_DIR, else "
+                        "$JAXML_CACHE_DIR, else ~/.cache/jaxml/xla.")
+    flags.DEFINE_bool("preflight", False, "Compile the train step for --topology without that hardware, print "
+                      "per-device memory, FLOPs per step and compile time, and exit.")
+    flags.DEFINE_string("topology", "cpu:8", "Target of --preflight, e.g. v5e-16, v4-32, 8xH100, cpu:8.")
+
+
+def _start_jax(experiment: types.ModuleType) -> bool:
+    """Multi-host init and the compilation cache, before anything starts a JAX backend;
+    True when this is a preflight run (which has already printed its figures)."""
+    from jaxml import runtime
+
+    if FLAGS.preflight:
+        from jaxml import preflight
+
+        try:
+            target = preflight.parse_topology(FLAGS.topology)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        preflight.prepare(target)
+    else:
+        try:
+            how = runtime.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                                 FLAGS.num_processes, FLAGS.process_id)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if how is not None:
+            import jax
+
+            logging.warning("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
+                            how, jax.process_index(), jax.process_count(), jax.local_device_count(),
+                            jax.device_count())
+    runtime.enable_compile_cache(FLAGS.compile_cache, FLAGS.compile_cache_dir)
+    return FLAGS.preflight
 
 
 def _config_spec(argv: list[str]) -> str | None:
@@ -124,10 +172,16 @@ def _run(experiment: types.ModuleType, argv) -> None:
     from jaxml.train import loop
     from jaxml.train.checkpoint import CheckpointSaveError
 
+    preflight = _start_jax(experiment)
     try:
         config_lib.validate(FLAGS.config)  # bad values are a one-line error, before anything compiles
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if preflight:
+        from jaxml import preflight as preflight_lib
+
+        preflight_lib.run(experiment, FLAGS.config, FLAGS.topology)
+        return
 
     if FLAGS.config.eval.kfold:
         from jaxml.train import selection
@@ -143,4 +197,7 @@ def _run(experiment: types.ModuleType, argv) -> None:
         print(f"preempted at step {result.step}; re-run the same command to resume", flush=True)
         return
     summary = "  ".join(f"{k} {v:.4f}" for k, v in {**result.train_metrics, **result.eval_metrics}.items())
-    print(f"done: step {result.step}  {summary}\nworkdir: {os.path.abspath(FLAGS.workdir)}", flush=True)
+    import jax
+
+    if jax.process_index() == 0:  # a multi-host run's workers print nothing twice
+        print(f"done: step {result.step}  {summary}\nworkdir: {os.path.abspath(FLAGS.workdir)}", flush=True)

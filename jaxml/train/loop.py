@@ -204,7 +204,11 @@ def _train(experiment, config, workdir, devices) -> Result:
         with _Preemption() as preemption:
             for step in range(start, total if not stopping.stopped else start):
                 batch = placement.place_batch(next(iterator))
+                t_call = time.perf_counter()
                 state, metrics = placement.train_step(state, batch, train_key)
+                if step == start:  # the first call traces and compiles, or loads from the compilation cache
+                    log.info(f"train step compiled in {time.perf_counter() - t_call:.2f} s "
+                             f"(compilation cache: {_cache_dir() or 'off'})")
                 drain()  # the previous step's metrics: ready by now, as this step was dispatched
                 pending = (step + 1, metrics)
                 done = step + 1
@@ -253,6 +257,10 @@ def _train(experiment, config, workdir, devices) -> Result:
         writer.close()
     return Result(state=plain, step=final_step, train_metrics=last_train, eval_metrics=eval_metrics,
                   eval_sums=eval_sums, preempted=preempted)
+
+
+def _cache_dir() -> str | None:
+    return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
 
 
 EXPERIMENT_FUNCTIONS = ("get_config", "init", "train_step", "eval_step", "report")

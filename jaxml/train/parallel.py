@@ -126,6 +126,24 @@ def _fold_step(fn):
     return step
 
 
+def state_shardings(init_fn, batch, mesh: Mesh, rules) -> tuple[PyTree, PyTree]:
+    """(shardings, abstract state) of `init_fn(rng, batch)` on `mesh`, from shapes alone
+    (`batch` may be abstract: jaxml.preflight compiles for devices it does not have)."""
+    boxed = jax.eval_shape(init_fn, jax.random.key(0), batch)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    return shardings, abstract
+
+
+def jit_train_step(train_step, shardings, batch_sharding: NamedSharding):
+    """The jit-mode train step: state donated, rng folded with the step, metrics replicated."""
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(_fold_step(train_step), donate_argnums=(0,),
+                   in_shardings=(shardings, batch_sharding, replicated),
+                   out_shardings=(shardings, replicated))
+
+
 def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, example_batch,
           global_batch_size: int, devices=None) -> Placement:
     """Build the mesh and compile-ready wrappers for `cfg.mode` (cfg is `config.parallel`)."""
@@ -140,21 +158,14 @@ def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, exa
             lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
             local_batch)
 
-    key0 = jax.random.key(0)
-    boxed = jax.eval_shape(init_fn, key0, place_global(example_batch))
-    specs = nn.get_partition_spec(boxed)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    shardings, abstract = state_shardings(init_fn, place_global(example_batch), mesh, rules)
 
     def unboxed_init(rng, batch):
         return nn.unbox(init_fn(rng, batch))
 
     if cfg.mode == "jit":
         jit_init = jax.jit(unboxed_init, out_shardings=shardings)
-        step = jax.jit(_fold_step(train_step), donate_argnums=(0,),
-                       in_shardings=(shardings, batch_sharding, replicated),
-                       out_shardings=(shardings, replicated))
+        step = jit_train_step(train_step, shardings, batch_sharding)
         evaluate = None if eval_step is None else jax.jit(
             eval_step, in_shardings=(shardings, batch_sharding), out_shardings=replicated)
         return Placement(

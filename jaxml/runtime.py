@@ -1,0 +1,87 @@
+"""Process-wide JAX setup the entry points do once: multi-host initialisation and the
+persistent compilation cache (launch/README.md explains both).
+
+Both must run before the first computation; `cli.main` calls them right after parsing
+flags, a notebook may call them in its first cell.
+"""
+
+import os
+
+import jax
+
+# Environment variables that mean "this process is one of several": an explicit coordinator
+# (any launcher), SLURM with more than one task, a TPU slice whose worker list names more
+# than one host (GKE / queued resources set it; plain TPU VMs answer through the metadata
+# server instead, so `launch/tpu_vm.sh run` passes --distributed=true).
+_COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+
+
+def _several(value: str | None) -> bool:
+    return value is not None and len([v for v in value.split(",") if v.strip()]) > 1
+
+
+def multiprocess_env(environ=None) -> str | None:
+    """Which launcher's variables say this process is one of several, or None."""
+    env = os.environ if environ is None else environ
+    if env.get(_COORDINATOR_ENV):
+        return _COORDINATOR_ENV
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return "SLURM"
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        if _several(env.get(name)):
+            return name
+    return None
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           environ=None) -> str | None:
+    """Call `jax.distributed.initialize` when this is a multi-process run; say why, or None.
+
+    mode: "auto" (explicit arguments or a launcher's environment variables decide),
+    "true" (always: JAX detects the cluster, e.g. a TPU VM slice via its metadata server),
+    "false" (never). Explicit arguments go to JAX as given; missing ones JAX detects.
+    """
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"--distributed={mode!r}: expected auto, true or false")
+    explicit = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                                      process_id=process_id).items() if v is not None}
+    if mode == "false":
+        if explicit:
+            raise ValueError(f"--distributed=false contradicts {sorted(explicit)}")
+        return None
+    reason = "flags " + ",".join(sorted(explicit)) if explicit else (
+        "--distributed=true" if mode == "true" else multiprocess_env(environ))
+    if reason is None:
+        return None
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    jax.distributed.initialize(**explicit)
+    return reason
+
+
+def default_cache_dir() -> str:
+    """$JAXML_CACHE_DIR, else ~/.cache/jaxml/xla."""
+    return os.environ.get("JAXML_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxml", "xla")
+
+
+def enable_compile_cache(enabled: bool = True, directory: str | None = None,
+                         min_compile_time_s: float = 0.1) -> str | None:
+    """Turn JAX's persistent compilation cache on (in `directory`) or off; the directory used, or None.
+
+    JAX's own default threshold (1 s) leaves most of a small experiment's programs uncached;
+    0.1 s caches every train/eval step that takes noticeable time to compile. A directory
+    set by JAX_COMPILATION_CACHE_DIR (the test suite does) wins over the default, not over
+    an explicit `directory`.
+    """
+    if not enabled:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir()
+    if "://" not in directory:  # gs:// etc. are created by JAX's file layer
+        os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+    return directory

@@ -333,5 +333,5 @@ def test_default_config_keys():
     assert set(optim.default_config()) == {
         "name", "lr", "momentum", "b1", "b2", "eps", "weight_decay", "decay_biases_and_norms",
         "clip_norm", "schedule", "warmup_steps", "end_lr_factor", "boundaries", "scales",
-        "accumulate_steps", "freeze", "ema_decay",
+        "accumulate_steps", "freeze", "unfreeze_at_step", "lr_multipliers", "ema_decay",
     }

@@ -49,6 +49,13 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.scales = ()
     cfg.accumulate_steps = 1  # >1: optax.MultiSteps, one update per this many train steps
     cfg.freeze = ()  # regexes searched in '/'-joined param paths; matches never change
+    # > 0: params matched by `freeze` are held fixed only until this train step, then train
+    # (gradual unfreezing). They keep optimizer state from the start, so their moments are
+    # warm when they unfreeze; 0 = frozen for good, with no optimizer state.
+    cfg.unfreeze_at_step = 0
+    # Discriminative learning rates: ((regex, factor), ...); a param's update is multiplied
+    # by the factor of the first regex that `re.search`es its path (1.0 when none does).
+    cfg.lr_multipliers = ()
     cfg.ema_decay = 0.0  # 0 = off; read by the train state via `ema_update`, not here
     return cfg
 
@@ -60,17 +67,64 @@ def param_paths(params):
     )
 
 
-def freeze_mask(params, patterns):
+def freeze_mask(params, patterns, key: str = "optim.freeze"):
     """Bool tree like `params`: True where some regex in `patterns` `re.search`es the path."""
     paths = param_paths(params)
     all_paths = jax.tree.leaves(paths)
     for pattern in patterns:
         if not any(re.search(pattern, p) for p in all_paths):
             raise ValueError(
-                f"optim.freeze pattern {pattern!r} matches no parameter; expected a regex "
+                f"{key} pattern {pattern!r} matches no parameter; expected a regex "
                 f"searched in paths such as {all_paths[:8]}"
             )
     return jax.tree.map(lambda p: any(re.search(pat, p) for pat in patterns), paths)
+
+
+def lr_factors(params, multipliers):
+    """Float tree like `params`: the factor of the first (regex, factor) whose regex finds the path, else 1."""
+    freeze_mask(params, [pattern for pattern, _ in multipliers], key="optim.lr_multipliers")
+    return jax.tree.map(
+        lambda p: next((float(f) for pat, f in multipliers if re.search(pat, p)), 1.0), param_paths(params))
+
+
+def _map_boxed(fn, *trees):
+    """jax.tree.map over params-like trees whose boxes count as leaves (fn sees plain arrays)."""
+    def leaf(x, *rest):
+        if _is_box(x):
+            return x.replace_boxed(fn(x.value, *rest))
+        return fn(x, *rest)
+    return jax.tree.map(leaf, *trees, is_leaf=_is_box)
+
+
+def scale_by_path(multipliers) -> optax.GradientTransformation:
+    """Multiply each update by its param's factor from `lr_factors` (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        factors = lr_factors(updates, multipliers)
+        return _map_boxed(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    def init(params):
+        lr_factors(params, multipliers)  # a pattern matching no param fails here, before training
+        return optax.EmptyState()
+
+    return optax.GradientTransformation(init, update)
+
+
+def freeze_until(patterns, step: int) -> optax.GradientTransformation:
+    """Zero the updates of params matched by `patterns` for the first `step` calls, then pass them."""
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        frozen = freeze_mask(updates, patterns)
+        held = state.count < step
+        updates = _map_boxed(lambda u, f: jnp.where(held & f, jnp.zeros_like(u), u), updates, frozen)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 def decay_mask(params):
@@ -140,7 +194,14 @@ def make_optimizer(
     tx = optax.chain(*parts)
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
-    if cfg.freeze:
+    if cfg.lr_multipliers:
+        # After the optimizer, so it scales the step (adaptive optimizers would cancel a
+        # scaled gradient), and accumulation's zero updates stay zero.
+        tx = optax.chain(tx, scale_by_path(tuple(tuple(m) for m in cfg.lr_multipliers)))
+    if cfg.freeze and cfg.unfreeze_at_step > 0:
+        # Counted in train steps (the chain runs every train step, also when accumulating).
+        tx = optax.chain(tx, freeze_until(tuple(cfg.freeze), cfg.unfreeze_at_step))
+    elif cfg.freeze:
         # Accumulation sits inside the trainable branch so frozen params get no buffers.
         patterns = tuple(cfg.freeze)
 
@@ -256,6 +317,19 @@ def _check_optimizer(cfg) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"optim.freeze pattern {pattern!r} is not a valid regex: {e}") from e
+    _require(_is_int(cfg.unfreeze_at_step) and cfg.unfreeze_at_step >= 0, "optim.unfreeze_at_step",
+             cfg.unfreeze_at_step, "an int >= 0 (0: frozen params never unfreeze)")
+    _require(cfg.unfreeze_at_step == 0 or bool(cfg.freeze), "optim.unfreeze_at_step", cfg.unfreeze_at_step,
+             "0 when optim.freeze is empty (it unfreezes the params `freeze` matches)")
+    for entry in cfg.lr_multipliers:
+        ok = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+            and isinstance(entry[1], numbers.Real) and entry[1] >= 0
+        _require(ok, "optim.lr_multipliers", cfg.lr_multipliers,
+                 "a tuple of (regex, factor >= 0) pairs, e.g. (('^Conv', 0.1),)")
+        try:
+            re.compile(entry[0])
+        except re.error as e:
+            raise ValueError(f"optim.lr_multipliers pattern {entry[0]!r} is not a valid regex: {e}") from e
 
 
 def _is_int(x) -> bool:

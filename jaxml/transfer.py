@@ -84,10 +84,8 @@ def _read(step_dir: str, mtime: float) -> dict:
     state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
     flat = {}
     for collection in COLLECTIONS:
-        tree = state.get(collection)
-        if tree:
-            paths = jax.tree.leaves(optim.param_paths(tree))
-            flat.update({f"{collection}/{p}": np.asarray(v) for p, v in zip(paths, jax.tree.leaves(tree))})
+        if state.get(collection):
+            flat.update(flatten(state[collection], collection))
     if not flat:
         raise ValueError(f"checkpoint {step_dir} holds no params")
     return flat
@@ -97,6 +95,12 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     """'collection/a/b' -> array for the params and batch_stats of the checkpoint at `path`."""
     step_dir = checkpoint_step_dir(path)
     return _read(step_dir, os.path.getmtime(os.path.join(step_dir, "state")))
+
+
+def flatten(tree, collection: str = "params") -> dict[str, np.ndarray]:
+    """'<collection>/a/b' -> array: a params tree in the source form `load_into` reads."""
+    paths = jax.tree.leaves(optim.param_paths(tree))
+    return {f"{collection}/{p}": np.asarray(v) for p, v in zip(paths, jax.tree.leaves(nn.unbox(tree)))}
 
 
 def _rename(path: str, rules) -> str:

@@ -20,8 +20,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxml.train import optim
-
 # Buffers some transformers versions save beside the weights; no parameters.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -121,12 +119,6 @@ def import_params(path: str, num_heads: int | None = None, scan_layers: bool = T
         "decoder": decoder,
         "norm_final": {"scale": weights["ln_f.weight"], "bias": weights["ln_f.bias"]},
     }
-
-
-def flat_variables(params: dict) -> dict[str, np.ndarray]:
-    """'params/a/b' -> array, the source form `jaxml.transfer.load_into` reads."""
-    paths = optim.param_paths(params)
-    return {f"params/{p}": np.asarray(v) for p, v in zip(jax.tree.leaves(paths), jax.tree.leaves(params))}
 
 
 def export_params(params: dict, directory: str, num_heads: int, norm_epsilon: float = 1e-5) -> str:

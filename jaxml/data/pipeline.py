@@ -5,6 +5,7 @@ b*G + p, b*G + p + P, ... of global batch b, so the processes' local batches b t
 exactly the global batch b of a one-process run with the same seed.
 """
 
+import collections
 import functools
 from typing import Any, Iterator, Sequence
 
@@ -75,6 +76,33 @@ class _BatchIndices:
             at = epochs == epoch
             out[at] = self._permutation(int(epoch))[within[at]]
         return out
+
+
+class DeviceBatches:
+    """Batches placed on the devices one step ahead: `place` (host -> device) of batch b + 1
+    is issued before step b is handed out, so its transfer overlaps step b on accelerators.
+
+    `get_state()` is the position after the last batch handed out, not after the ones placed
+    ahead, so a checkpoint taken between steps resumes at the first batch no step has seen.
+    """
+
+    def __init__(self, iterator, place, ahead: int = 1):
+        if ahead < 0:
+            raise ValueError(f"DeviceBatches: ahead must be >= 0, got {ahead}")
+        self._iterator, self._place, self._ahead = iterator, place, ahead
+        self._queue: collections.deque = collections.deque()  # (iterator state before the batch, placed batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._queue) <= self._ahead:
+            state = self._iterator.get_state()
+            self._queue.append((state, self._place(next(self._iterator))))
+        return self._queue.popleft()[1]
+
+    def get_state(self):
+        return self._queue[0][0] if self._queue else self._iterator.get_state()
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, global_batch_size: int, process_index: int = 0,

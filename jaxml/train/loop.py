@@ -197,13 +197,14 @@ def _train(experiment, config, workdir, devices) -> Result:
         return metrics, sums
 
     def save(step, manager):
-        manager.save(step, placement.plain_state(state), iterator.get_state(), train_key, config,
+        manager.save(step, placement.plain_state(state), batches.get_state(), train_key, config,
                      meta={"early_stopping": stopping.state()})
 
+    batches = data_lib.DeviceBatches(iterator, placement.place_batch)  # placed a step ahead; after the restore
     try:
         with _Preemption() as preemption:
             for step in range(start, total if not stopping.stopped else start):
-                batch = placement.place_batch(next(iterator))
+                batch = next(batches)
                 t_call = time.perf_counter()
                 state, metrics = placement.train_step(state, batch, train_key)
                 if step == start:  # the first call traces and compiles, or loads from the compilation cache

@@ -180,7 +180,10 @@ def _run(experiment: types.ModuleType, argv) -> None:
     if preflight:
         from jaxml import preflight as preflight_lib
 
-        preflight_lib.run(experiment, FLAGS.config, FLAGS.topology)
+        try:
+            preflight_lib.run(experiment, FLAGS.config, FLAGS.topology)
+        except ValueError as e:  # a mesh or batch size that does not fit the target
+            sys.exit(f"error: {e}")
         return
 
     if FLAGS.config.eval.kfold:

@@ -15,6 +15,8 @@ the CPU compiler's.
 
 import dataclasses
 import functools
+import glob
+import os
 import re
 import time
 import types
@@ -80,12 +82,27 @@ def prepare(target: Target) -> None:
         pass
 
 
+def _offline_tpu_env(target: Target) -> None:
+    """On a machine without TPUs, tell libtpu there is no slice to discover (it would query the
+    GCE metadata server and log errors about worker hostnames and accelerator type)."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    per_chip, _ = _TPU_KINDS[target.kind]
+    generation = "v5litepod" if target.kind == "v5e" else target.kind
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{generation}-{target.num_devices * per_chip}")
+
+
 @functools.cache
 def _tpu_devices(target: Target, quiet: bool = False):
     from jax.experimental import topologies
 
+    _offline_tpu_env(target)
+    # v4 / v5p chips have two TensorCores that JAX drives as one device ("megacore").
+    options = dict(chip_config_name="megacore") if target.kind in ("v4", "v5p") else {}
     try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=target.tpu_topology).devices
+        return topologies.get_topology_desc(platform="tpu", topology_name=target.tpu_topology, **options).devices
     except Exception as e:  # no libtpu (ModuleNotFoundError / RuntimeError), or a name it rejects
         if not quiet:
             print(f"note: libtpu cannot describe {target.tpu_topology} here ({type(e).__name__}: "

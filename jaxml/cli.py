@@ -170,7 +170,7 @@ def _run(experiment: types.ModuleType, argv) -> None:
     # Imported here so `--help` and flag errors come before JAX starts.
     from jaxml import config as config_lib
     from jaxml.train import loop
-    from jaxml.train.checkpoint import CheckpointSaveError
+    from jaxml.train.checkpoint import CheckpointRestoreError, CheckpointSaveError, IncompatibleCheckpointError
 
     preflight = _start_jax(experiment)
     try:
@@ -193,7 +193,7 @@ def _run(experiment: types.ModuleType, argv) -> None:
         return
     try:
         result = loop.train(experiment, FLAGS.config, FLAGS.workdir)
-    except (loop.NonFiniteError, CheckpointSaveError) as e:
+    except (loop.NonFiniteError, CheckpointSaveError, CheckpointRestoreError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if result.preempted:

@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000,
         log_every=50,
         eval_every=500,  # 0: evaluate only at the end
+        # > 0: a step whose loss/metrics or new params are NaN/Inf is discarded (params and
+        # optimizer state stay as before it, the batch is consumed) and reported, up to this
+        # many times per run; then, or with 0, the run stops naming the step.
+        skip_nonfinite_steps=0,
         # patience > 0: stop after that many periodic evals without improving `metric` by more
         # than min_delta, then restore the best checkpoint (kept in <workdir>/best).
         early_stopping=ml_collections.ConfigDict(dict(metric="val/loss", mode="min", patience=0, min_delta=0.0)),
@@ -52,11 +56,26 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=500,
+        every_minutes=0.0,  # > 0: also save when this much wall time has passed since the last save
         max_to_keep=3,
         async_save=True,  # the next steps run while the previous checkpoint is written
+        save_retries=0,  # a failed save (full disk, lost mount) is retried this often, then stops the run
+        retry_wait_s=1.0,  # seconds before the first retry; doubles each time
+        # A step to resume from instead of the newest good checkpoint; when it is missing or
+        # unreadable the run refuses to start (no fallback).
+        restore_step=ml_collections.config_dict.placeholder(int),
     ))
     c.log = ml_collections.ConfigDict(dict(tensorboard=False, progress=True))
     return c
+
+
+_TYPED_KEYS = (
+    ("seed", int), ("train.steps", int), ("train.log_every", int), ("train.eval_every", int),
+    ("train.skip_nonfinite_steps", int), ("checkpoint.every_steps", int), ("checkpoint.every_minutes", float),
+    ("checkpoint.save_retries", int), ("checkpoint.retry_wait_s", float), ("checkpoint.async_save", bool),
+    ("data.batch_size", int), ("data.eval_batch_size", int), ("data.num_workers", int), ("data.seed", int),
+    ("data.validation_fraction", float), ("optim.lr", float),
+)
 
 
 def dtype(name: str):
@@ -72,6 +91,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
 
+    # Types first: a string or float where a count belongs would fail deep inside JAX.
+    for key, kind in _TYPED_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if kind is bool:
+            ok = isinstance(value, bool)
+        else:  # bool is an int in Python, but True steps or learning rate is a typo
+            ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        need(ok, key, value, f"a {kind.__name__}, got {type(value).__name__}")
+
     need(config.train.steps > 0, "train.steps", config.train.steps, "a positive number of steps")
     need(config.train.log_every > 0, "train.log_every", config.train.log_every, "> 0")
     need(config.train.eval_every >= 0, "train.eval_every", config.train.eval_every, ">= 0 (0: only at the end)")
@@ -81,6 +111,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(0.0 <= config.data.validation_fraction < 1.0, "data.validation_fraction", config.data.validation_fraction,
          "in [0, 1)")
     need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "> 0")
+    need(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", config.checkpoint.every_minutes,
+         ">= 0 (0: step-based only)")
+    need(config.checkpoint.save_retries >= 0, "checkpoint.save_retries", config.checkpoint.save_retries, ">= 0")
+    need(config.checkpoint.retry_wait_s >= 0, "checkpoint.retry_wait_s", config.checkpoint.retry_wait_s, ">= 0")
+    need(config.checkpoint.restore_step is None or config.checkpoint.restore_step >= 0, "checkpoint.restore_step",
+         config.checkpoint.restore_step, "a saved step >= 0, or None (the newest good checkpoint)")
+    need(config.train.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", config.train.skip_nonfinite_steps,
+         ">= 0 (0: stop at the first non-finite step)")
     need(config.checkpoint.max_to_keep is None or config.checkpoint.max_to_keep > 0,
          "checkpoint.max_to_keep", config.checkpoint.max_to_keep, "> 0 or None (keep all)")
     need(config.data.batch_size > 0, "data.batch_size", config.data.batch_size, "> 0")

@@ -1,11 +1,17 @@
 """Orbax checkpoints of a run: train state, data iterator position, RNG and config.
 
 One step directory holds four items: `state` (the plain train state, any sharding),
-`data` (grain's iterator state, one file per process), `meta` (step and RNG key data) and
-`config` (the run's config as JSON). Restoring goes newest first; a checkpoint that cannot
-be read is reported, moved to `<workdir>/checkpoints_corrupt/` (kept, never deleted) and the
-next older one is tried. A checkpoint whose arrays do not fit the current model is not
-corrupt but foreign: the run refuses to start rather than load part of it.
+`data` (grain's iterator state, one JSON file per process), `meta` (step, RNG key data and
+what the loop keeps between steps) and `config` (the run's config as JSON). Nothing is
+pickled: arrays are tensorstore (OCDBT) files, everything else JSON.
+
+Restoring goes newest first; a checkpoint that cannot be read (truncated array file,
+missing metadata) is reported with its path and the reason, moved to
+`<workdir>/checkpoints_corrupt/` (kept, never deleted) and the next older one is tried.
+Half-written temporary directories of a killed save are reported and removed. A checkpoint
+whose arrays do not fit the current model is not corrupt but foreign: the run refuses to
+start rather than load part of it (or bury it under new checkpoints). When the user names
+a step (`checkpoint.restore_step`), any problem with it is an error: no fallback.
 """
 
 import dataclasses
@@ -32,6 +38,10 @@ class IncompatibleCheckpointError(ValueError):
 
 class CheckpointSaveError(OSError):
     """A save failed (a full disk, a lost mount); the checkpoints before it are intact."""
+
+
+class CheckpointRestoreError(ValueError):
+    """The checkpoint the user named (checkpoint.restore_step) is missing or unreadable."""
 
 
 @dataclasses.dataclass
@@ -73,6 +83,10 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, name)
         self.failed = False
+        self.save_retries = cfg.save_retries
+        self.retry_wait_s = cfg.retry_wait_s
+        self.every_s = 60.0 * cfg.every_minutes
+        self._last_save = time.monotonic()
         max_to_keep = cfg.max_to_keep if max_to_keep == -1 else max_to_keep
         self._warn_half_written()
         self.manager = ocp.CheckpointManager(
@@ -97,6 +111,20 @@ class Checkpointer:
                 log.info(f"warning: skipping half-written checkpoint {os.path.join(self.directory, name)} "
                          "(a save was interrupted); it will be removed")
 
+    def due_by_time(self) -> bool:
+        """True when checkpoint.every_minutes have passed since the last save (or the start).
+
+        Multi-host: process 0's clock decides for all, so every host saves at the same step.
+        """
+        if self.every_s <= 0:
+            return False
+        due = time.monotonic() - self._last_save >= self.every_s
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -105,18 +133,29 @@ class Checkpointer:
         """Start saving `state` (plain, unreplicated) at `step`; returns before the write ends when async."""
         meta = {**(meta or {}), "step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
         previous = self.manager.latest_step()
-        try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
-                meta=ocp.args.JsonSave(meta),
-                config=ocp.args.JsonSave(config.to_dict()),
-            ), force=True)
-        except Exception as e:  # noqa: BLE001 -- raised again with what the user needs to know
-            self._fail(step, previous, e)
+        self._last_save = time.monotonic()
+        for attempt in range(self.save_retries + 1):
+            try:
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+                    meta=ocp.args.JsonSave(meta),
+                    config=ocp.args.JsonSave(config.to_dict()),
+                ), force=True)
+                return
+            except Exception as e:  # noqa: BLE001 -- retried, or raised again with what the user needs to know
+                if attempt == self.save_retries:
+                    self._fail(step, previous, e)
+                wait = self.retry_wait_s * 2**attempt
+                log.info(f"warning: saving the checkpoint of step {step} in {self.directory} failed "
+                         f"({type(e).__name__}: {e}); retry {attempt + 1} of {self.save_retries} in {wait:g} s")
+                time.sleep(wait)
+                self._remove_tmp(step)
 
     def _fail(self, step: int | None, previous: int | None, error: Exception):
         self.failed = True
+        if step is not None:
+            self._remove_tmp(step)
         # Orbax writes into a temporary directory and renames it only when complete, so a
         # failed save leaves every earlier checkpoint as it was.
         raise CheckpointSaveError(
@@ -125,32 +164,78 @@ class Checkpointer:
             + ("Earlier checkpoints are intact" if previous is None else f"The previous checkpoint (step {previous}) is intact")
             + "; free space (or fix the path) and run the same command again to resume.") from error
 
-    def restore_latest(self, abstract_state: PyTree, iterator=None) -> Restored | None:
+    def _remove_tmp(self, step: int) -> None:
+        """Remove the temporary directory a failed save of `step` left (a retry starts clean)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self.manager.reload()
+
+    def restore_latest(self, abstract_state: PyTree, iterator=None, config=None) -> Restored | None:
         """Restore the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
-        Sets `iterator`'s position (when given) from the checkpoint. None when there is none.
+        Sets `iterator`'s position (when given) from the checkpoint; warns about keys where
+        `config` (when given) differs from the checkpoint's. None when there is none.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            path = os.path.join(self.directory, str(step))
             try:
-                self._check_compatible(step, abstract_state, path)
-                data = _IteratorState(None)
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data),
-                    meta=ocp.args.JsonRestore(),
-                ))
+                return self._restore(step, abstract_state, iterator, config)
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable
-                self._quarantine(step, path, e)
-                continue
-            if iterator is not None:
-                iterator.set_state(data.state)
-            meta = dict(out["meta"])
-            rng = jax.random.wrap_key_data(np.asarray(meta.pop("rng"), dtype=np.uint32))
-            return Restored(state=out["state"], step=int(meta.pop("step")), rng=rng, meta=meta)
+                self._quarantine(step, self._path(step), e)
         return None
+
+    def restore_step(self, step: int, abstract_state: PyTree, iterator=None, config=None) -> Restored:
+        """Restore exactly checkpoint `step`, the user's choice: a missing or unreadable one is an error."""
+        path = self._path(step)
+        if step not in self.manager.all_steps():
+            raise CheckpointRestoreError(
+                f"checkpoint.restore_step={step}: there is no checkpoint {path}; available steps: "
+                f"{sorted(self.manager.all_steps()) or 'none'}")
+        try:
+            restored = self._restore(step, abstract_state, iterator, config)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- refuse to start, saying why
+            raise CheckpointRestoreError(
+                f"checkpoint.restore_step={step}: checkpoint {path} cannot be read ({_reason(e)}); the run "
+                "does not start. Name another step, or unset checkpoint.restore_step to take the newest good one."
+            ) from e
+        # The run continues from `step`: newer checkpoints would collide with its saves and be
+        # taken for its progress at the next start, so they are moved aside (never deleted).
+        newer = [s for s in self.manager.all_steps() if s > step]
+        if newer and jax.process_index() == 0:
+            aside = os.path.join(self.workdir, "checkpoints_superseded", str(int(time.time())))
+            os.makedirs(aside, exist_ok=True)
+            for s in newer:
+                shutil.move(self._path(s), os.path.join(aside, str(s)))
+            log.info(f"restored the named step {step}: newer checkpoints {sorted(newer)} moved to {aside}. "
+                     "Unset checkpoint.restore_step for later restarts, or each one returns to this step.")
+        self.manager.reload()
+        return restored
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _restore(self, step: int, abstract_state: PyTree, iterator, config) -> Restored:
+        path = self._path(step)
+        self._check_compatible(step, abstract_state, path)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        ))
+        data_state = _read_data_state(os.path.join(path, "data"))
+        if config is not None:
+            _warn_config_changes(path, out["config"], config)
+        if iterator is not None:
+            iterator.set_state(data_state)
+        meta = dict(out["meta"])
+        rng = jax.random.wrap_key_data(np.asarray(meta.pop("rng"), dtype=np.uint32))
+        return Restored(state=out["state"], step=int(meta.pop("step")), rng=rng, meta=meta)
 
     def _check_compatible(self, step: int, abstract_state: PyTree, path: str) -> None:
         stored = self.manager.item_metadata(step)["state"]
@@ -159,18 +244,19 @@ class Checkpointer:
         want = _leaves_by_path(abstract_state)
         have = _leaves_by_path(stored)
         missing, unused = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        wrong = [f"{k}: checkpoint {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
-                 for k in sorted(set(want) & set(have)) if tuple(have[k].shape) != tuple(want[k].shape)]
+        wrong = [f"{k}: checkpoint {tuple(have[k].shape)} {np.dtype(have[k].dtype)}, model {tuple(want[k].shape)} "
+                 f"{np.dtype(want[k].dtype)}" for k in sorted(set(want) & set(have))
+                 if (tuple(have[k].shape), np.dtype(have[k].dtype)) != (tuple(want[k].shape), np.dtype(want[k].dtype))]
         if missing or unused or wrong:
             raise IncompatibleCheckpointError(
                 f"checkpoint {path} does not match this model (a different model or config?).\n"
                 + (f"  missing in checkpoint: {missing[:8]}\n" if missing else "")
                 + (f"  not in model: {unused[:8]}\n" if unused else "")
-                + ("  shape mismatch: " + "; ".join(wrong[:8]) + "\n" if wrong else "")
+                + ("  shape/dtype mismatch: " + "; ".join(wrong[:8]) + "\n" if wrong else "")
                 + "Use a new --workdir, or remove that checkpoint if it is not wanted.")
 
     def _quarantine(self, step: int, path: str, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        reason = _reason(error)
         dest = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -192,3 +278,58 @@ class Checkpointer:
                     self._fail(None, None, e)
         finally:
             self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _read_data_state(directory: str) -> dict:
+    """This process's data position (grain writes `process_<i>-of-<n>.json`, plain JSON).
+
+    With another process count than at save time, the position is taken over when every
+    saved process held the same one: the batch number of the global stream, which is
+    what jaxml's pipeline stores for num_workers=0 (each process derives its share of
+    global batch b from b). Per-worker states (num_workers > 0) cannot be remapped.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    own = os.path.join(directory, f"process_{index}-of-{count}.json")
+    if os.path.exists(own):
+        with open(own) as f:
+            return json.load(f)
+    names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json"))
+    if not names:
+        raise FileNotFoundError(f"no data position (process_*.json) in {directory}")
+    states = []
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
+            states.append(json.load(f))
+    if any(s != states[0] for s in states):  # readable, but not for this run: refuse rather than skip it
+        raise IncompatibleCheckpointError(
+            f"the data position in {directory} was saved by {len(names)} processes with different states "
+            f"({names}); it cannot be mapped onto {count} process(es). Resume with the process count "
+            "(and data.num_workers) of the saving run.")
+    log.info(f"data position of {directory} saved by {len(names)} process(es), restored on {count}: "
+             f"the global batch number ({states[0]}) carries over")
+    return states[0]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _warn_config_changes(path: str, stored: dict, config: ml_collections.ConfigDict) -> None:
+    """Name every key whose value differs from the checkpoint's config (a resume with new values)."""
+    now = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    then = _flatten(json.loads(json.dumps(stored, default=str)))
+    changed = [f"{k}: {then.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+               for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    if changed:
+        log.info(f"warning: checkpoint {path} was saved with another config; resuming with the new values: "
+                 + "; ".join(changed[:12]) + (f" (+{len(changed) - 12} more)" if len(changed) > 12 else ""))

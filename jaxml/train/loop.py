@@ -69,7 +69,9 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Multi-host: JAX's preemption notifier owns SIGTERM and `reached_preemption` makes
+        # every host stop at the same step; a Python handler here would hide it from JAX.
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -134,9 +136,10 @@ def _train(experiment, config, workdir, devices) -> Result:
     example = next(iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
                                                **shard)))
 
+    train_step = functools.partial(experiment.train_step, config)
     placement = parallel.setup(
         config.parallel, init_fn=functools.partial(experiment.init, config),
-        train_step=functools.partial(experiment.train_step, config),
+        train_step=_discard_nonfinite(train_step) if config.train.skip_nonfinite_steps else train_step,
         eval_step=functools.partial(experiment.eval_step, config) if has_eval else None,
         example_batch=example, global_batch_size=dc.batch_size, devices=devices)
 
@@ -144,19 +147,28 @@ def _train(experiment, config, workdir, devices) -> Result:
     ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     best_ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint, name="best", max_to_keep=1) \
         if stopping.enabled else None
-    restored = ckpt.restore_latest(placement.abstract_state, iterator)
+    if config.checkpoint.restore_step is None:
+        restored = ckpt.restore_latest(placement.abstract_state, iterator, config)
+    else:
+        restored = ckpt.restore_step(config.checkpoint.restore_step, placement.abstract_state, iterator, config)
+    window: list[dict] = []  # host metrics since the last log line
+    skipped: list[int] = []  # steps discarded as non-finite (train.skip_nonfinite_steps)
     if restored is None:
         state = placement.init(init_key, example)
         start = 0
     else:
         state, start, train_key = placement.place_state(restored.state), restored.step, restored.rng
         stopping.load(restored.meta.get("early_stopping"))
+        # The killed run's log window and skips continue, so its log rows match an uninterrupted run's.
+        window.extend(restored.meta.get("log_window", []))
+        skipped.extend(restored.meta.get("nonfinite_skipped", []))
         log.info(f"restored checkpoint at step {start} from {ckpt.directory}")
+    if jax.process_index() == 0:
+        workdir_lib.drop_metrics_after(workdir, start)  # rows of lost steps; they are logged again
 
     writer = log.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     total = config.train.steps
     progress = log.Progress(total, first_step=start) if config.log.progress else None
-    window: list[dict] = []  # host metrics since the last log line
     last_train: dict = {}
     pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
     preempted = False
@@ -171,10 +183,17 @@ def _train(experiment, config, workdir, devices) -> Result:
         pending = None
         host = _host(metrics)
         bad = {k: v for k, v in host.items() if not math.isfinite(v)}
+        if bad and len(skipped) < config.train.skip_nonfinite_steps:
+            skipped.append(step)
+            log.info(f"warning: non-finite training metrics at step {step}: {bad}; the step's update was "
+                     f"discarded ({len(skipped)} of at most {config.train.skip_nonfinite_steps} "
+                     f"(train.skip_nonfinite_steps) skipped: steps {skipped})")
+            return
         if bad:
             raise NonFiniteError(
-                f"non-finite training metrics at step {step}: {bad}. The run stopped; the last good "
-                f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is left untouched.")
+                f"non-finite training metrics at step {step}: {bad}. The run stopped"
+                + (f" after skipping {len(skipped)} bad steps {skipped}" if skipped else "")
+                + f"; the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is left untouched.")
         last_train = {f"train/{k}": v for k, v in host.items()}
         window.append(last_train)
         if progress is not None:
@@ -198,7 +217,8 @@ def _train(experiment, config, workdir, devices) -> Result:
 
     def save(step, manager):
         manager.save(step, placement.plain_state(state), batches.get_state(), train_key, config,
-                     meta={"early_stopping": stopping.state()})
+                     meta={"early_stopping": stopping.state(), "log_window": list(window),
+                           "nonfinite_skipped": list(skipped)})
 
     batches = data_lib.DeviceBatches(iterator, placement.place_batch)  # placed a step ahead; after the restore
     try:
@@ -221,7 +241,8 @@ def _train(experiment, config, workdir, devices) -> Result:
                     stopping.stopped = stopping.enabled and stopping.should_stop
                 stop = preemption.requested or ckpt.reached_preemption(done)
                 # Saved after the eval, so the checkpoint holds the early-stopping state of this step.
-                if done % config.checkpoint.every_steps == 0 or done == total or stop or stopping.stopped:
+                if (done % config.checkpoint.every_steps == 0 or done == total or stop or stopping.stopped
+                        or ckpt.due_by_time()):
                     drain()  # never save a state whose step produced NaN
                     save(done, ckpt)
                 if stop:
@@ -258,6 +279,23 @@ def _train(experiment, config, workdir, devices) -> Result:
         writer.close()
     return Result(state=plain, step=final_step, train_metrics=last_train, eval_metrics=eval_metrics,
                   eval_sums=eval_sums, preempted=preempted)
+
+
+def _discard_nonfinite(train_step):
+    """A step whose metrics or new state hold NaN/Inf keeps the state it got (its step still
+    counts: the batch is consumed) and returns NaN metrics, which the loop reports."""
+    def step(state, batch, rng):
+        new, metrics = train_step(state, batch, rng)
+        leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        state_ok = jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in leaves]))
+        ok = state_ok & jnp.all(jnp.asarray([jnp.isfinite(m).all() for m in jax.tree.leaves(metrics)]))
+        if parallel.pmap_axis_name() is not None:  # every replica keeps or discards alike
+            ok = jax.lax.pmin(ok.astype(jnp.int32), parallel.pmap_axis_name()).astype(bool)
+        kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state).replace(step=new.step)
+        return kept, jax.tree.map(
+            lambda m: jnp.where(state_ok, m, jnp.nan) if jnp.issubdtype(jnp.result_type(m), jnp.inexact) else m,
+            metrics)
+    return step
 
 
 def _cache_dir() -> str | None:

@@ -19,6 +19,32 @@ def check_writable(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir} is not writable: {e}") from e
 
 
+def drop_metrics_after(workdir: str, step: int) -> None:
+    """Remove rows past `step` from metrics.jsonl: a run restored at `step` logs them again.
+
+    A killed run logs steps beyond its last checkpoint; without this, a resumed run's
+    metrics.jsonl would hold those steps twice. The file is replaced atomically.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill mid-write: not a row
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

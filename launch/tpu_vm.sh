@@ -114,7 +114,7 @@ case "$SUBCOMMAND" in
     step tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=workdirs --exclude=.venv \
       --exclude='*.egg-info' --exclude=__pycache__ .
     step gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:~/jaxml.tar.gz" "${WHERE[@]}" --worker=all
-    ssh_all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/jaxml.tar.gz -C $REMOTE_DIR && bash $REMOTE_DIR/launch/setup.sh --accelerator=tpu"
+    ssh_all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/jaxml.tar.gz -C $REMOTE_DIR && bash $REMOTE_DIR/launch/setup.sh --accelerator=tpu --install-python"
     ;;
   run)
     [[ ${#RUN_ARGS[@]} -ge 1 ]] || die "run needs the module and its arguments after --, e.g. -- experiments.gpt --workdir=/mnt/shared/gpt"

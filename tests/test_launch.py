@@ -53,7 +53,8 @@ def test_setup_copies_the_checkout_to_every_worker_and_installs():
     assert ssh[:6] == GCLOUD + ["ssh", "jx-v4"] and "--worker=all" in ssh
     command = _flags(ssh)["command"]
     assert "tar -xzf ~/jaxml.tar.gz -C ~/jaxml" in command
-    assert "bash ~/jaxml/launch/setup.sh --accelerator=tpu" in command
+    # TPU VM images run Ubuntu 22.04, whose Python (3.10) is too old: setup.sh apt-installs 3.11.
+    assert "bash ~/jaxml/launch/setup.sh --accelerator=tpu --install-python" in command
 
 
 def test_run_on_all_workers_multi_host_initialises_jax_distributed():

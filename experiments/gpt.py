@@ -13,6 +13,7 @@ Reference for the :shakespeare preset: nanoGPT's 6-layer, 384-wide char model re
 val loss 1.4697 nats/char on tiny_shakespeare after 5000 iterations (karpathy/nanoGPT README).
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -26,9 +27,9 @@ import numpy as np
 import optax
 
 from jaxml import config as config_lib
-from jaxml import data, decoding
+from jaxml import data, decoding, transfer
 from jaxml.data import text
-from jaxml.models import transformer
+from jaxml.models import gpt2, lora, transformer
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
@@ -53,8 +54,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         remat=False,
         use_fused=False,
         rope=False,
+        norm_epsilon=1e-6,  # 1e-5 for GPT-2 weights (init_from a .safetensors file)
         dtype="float32",  # "bfloat16" on GPU/TPU
     ))
+    # init_from: a jaxml workdir / checkpoint dir, or a Hugging Face GPT-2 .safetensors file (or its
+    # directory); the model config must match it (jaxml.models.gpt2.model_kwargs gives GPT-2's).
+    transfer.add_config(c)
+    c.lora = lora.default_config()  # lora.rank > 0: train only adapters on lora.targets, the base frozen
     c.sample = ml_collections.ConfigDict(dict(num=4, prompt_lengths=(8, 16), length=64, temperature=0.8, top_k=0,
                                               top_p=0.95))
     c.data.name = "text_windows/pystdlib_64"
@@ -102,7 +108,36 @@ def model(config) -> transformer.DecoderLM:
         vocab_size=m.vocab_size, num_layers=m.num_layers, features=m.features, num_heads=m.num_heads,
         mlp_dim=m.mlp_dim, max_len=m.max_len, num_kv_heads=m.num_kv_heads, dropout=m.dropout,
         attention_dropout=m.attention_dropout, tied_embedding=m.tied_embedding, scan_layers=m.scan_layers,
-        remat=m.remat, use_fused=m.use_fused, rope=m.rope, dtype=config_lib.dtype(m.dtype))
+        remat=m.remat, use_fused=m.use_fused, rope=m.rope, norm_epsilon=m.norm_epsilon,
+        dtype=config_lib.dtype(m.dtype))
+
+
+def optim_config(config) -> ml_collections.ConfigDict:
+    """config.optim, with the base model frozen when LoRA adapters are trained."""
+    if not config.lora.rank:
+        return config.optim
+    cfg = copy.deepcopy(config.optim)
+    cfg.unlock()
+    cfg.freeze = tuple(cfg.freeze) + (lora.FREEZE_BASE,)
+    return cfg
+
+
+def _adapters(config, train: bool = False):
+    """LoRA's interception when config.lora.rank > 0, else nothing."""
+    return lora.adapters(config.lora, train=train) if config.lora.rank else contextlib.nullcontext()
+
+
+def _pretrained(config, params):
+    """params filled from config.init_from (a jaxml checkpoint or GPT-2 safetensors); LoRA adapters stay fresh."""
+    if not config.init_from:
+        return params
+    source = None
+    path = config.init_from
+    if path.endswith(".safetensors") or os.path.exists(os.path.join(path, "model.safetensors")):
+        m = config.model
+        source = transfer.flatten(gpt2.import_params(path, num_heads=m.num_heads, scan_layers=m.scan_layers,
+                                                     max_len=m.max_len))
+    return transfer.init_from_config(config, {"params": params}, source)["params"]
 
 
 def _split(batch):
@@ -120,27 +155,31 @@ def init(config, rng, batch) -> TrainState:
     if inputs_BxL.shape[1] > config.model.max_len:
         raise ValueError(f"data {config.data.name} has windows of {inputs_BxL.shape[1]} tokens, longer than "
                          f"model.max_len={config.model.max_len}: raise max_len or pick a shorter window")
-    params = model(config).init({"params": rng}, inputs_BxL)["params"]
-    return TrainState.create(params, optim.make_optimizer(config.optim, config.train.steps))
+    with _adapters(config):
+        params = model(config).init({"params": rng}, inputs_BxL)["params"]
+    params = _pretrained(config, params)
+    return TrainState.create(params, optim.make_optimizer(optim_config(config), config.train.steps))
 
 
 def train_step(config, state: TrainState, batch, rng):
     inputs_BxL, targets_BxL = _split(batch)
 
     def loss_fn(params):
-        logits = model(config).apply({"params": params}, inputs_BxL, train=True, rngs={"dropout": rng})
+        with _adapters(config, train=True):
+            logits = model(config).apply({"params": params}, inputs_BxL, train=True, rngs={"dropout": rng})
         return _token_losses(logits, targets_BxL).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grads = parallel.mean_over_devices(grads)
-    new_state = state.apply_gradients(grads, optim.make_optimizer(config.optim, config.train.steps))
+    new_state = state.apply_gradients(grads, optim.make_optimizer(optim_config(config), config.train.steps))
     return new_state, {"loss": loss, "bits_per_char": loss / LN2, "grad_norm": optax.tree.norm(grads),
                        "lr": optim.make_schedule(config.optim, config.train.steps)(state.step)}
 
 
 def eval_step(config, state: TrainState, batch):
     inputs_BxL, targets_BxL = _split(batch)
-    logits = model(config).apply({"params": state.params}, inputs_BxL)
+    with _adapters(config):
+        logits = model(config).apply({"params": state.params}, inputs_BxL)
     per_row_B = _token_losses(logits, targets_BxL).sum(-1) * batch["mask"]
     # Counted in tokens, so eval/loss is nats per byte (= per char for ASCII text).
     return {"loss": per_row_B.sum(), "bits_per_char": per_row_B.sum() / LN2,
@@ -186,7 +225,11 @@ def report(config, state, workdir, eval_sums) -> None:
     lengths = np.array([sc.prompt_lengths[i % len(sc.prompt_lengths)] for i in range(sc.num)])
     prompts = val[: sc.num, : max(lengths)].astype(np.int32)
     length = min(sc.length, config.model.max_len)
-    out = decoding.generate(model(config), state.params, prompts, lengths, rng=jax.random.key(config.seed),
+    params = state.params
+    if config.lora.rank:  # sample from the merged weights; keep the adapters on their own (small)
+        lora.save(os.path.join(workdir, "lora_adapters"), params)
+        params = lora.merge(params, config.lora)
+    out = decoding.generate(model(config), params, prompts, lengths, rng=jax.random.key(config.seed),
                             max_length=length, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
     samples = [f"--- prompt {text.decode(prompts[i, :lengths[i]])!r}\n{text.decode(out[i])}\n" for i in range(sc.num)]
     with open(os.path.join(workdir, "samples.txt"), "w") as f:

@@ -81,7 +81,10 @@ def checkpoint_step_dir(path: str) -> str:
 @functools.lru_cache(maxsize=4)
 def _read(step_dir: str, mtime: float) -> dict:
     del mtime  # part of the cache key only: a rewritten checkpoint is read again
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    # Experiments load inside `init`, which the loop traces (eval_shape, jit): Orbax must
+    # still build concrete arrays there.
+    with jax.ensure_compile_time_eval():
+        state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
     flat = {}
     for collection in COLLECTIONS:
         if state.get(collection):
@@ -101,6 +104,18 @@ def flatten(tree, collection: str = "params") -> dict[str, np.ndarray]:
     """'<collection>/a/b' -> array: a params tree in the source form `load_into` reads."""
     paths = jax.tree.leaves(optim.param_paths(tree))
     return {f"{collection}/{p}": np.asarray(v) for p, v in zip(paths, jax.tree.leaves(nn.unbox(tree)))}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    """The nested variables tree ({'params': {...}, 'batch_stats': {...}}) of a flat 'a/b/c' -> array dict."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
 
 
 def _rename(path: str, rules) -> str:

@@ -126,3 +126,39 @@ def test_dense_classifier_and_bad_targets():
     with pytest.raises(ValueError, match="lora.rank must be an int > 0"):
         with lora.adapters(_cfg(rank=0)):
             pass
+
+
+@pytest.mark.slow  # ~25 s of CPU: an end-to-end run of experiments.gpt (compile of a scanned LM with adapters)
+def test_gpt_experiment_lora_finetunes_imported_gpt2_weights(tmp_path):
+    """experiments.gpt with init_from a GPT-2 safetensors file and lora.rank: base loaded and frozen, adapters train."""
+    import types
+
+    pytest.importorskip("safetensors", reason="GPT-2 import reads safetensors (jaxml[hf])")
+    from experiments import gpt
+    from jaxml.models import gpt2
+    from jaxml.train import loop
+
+    config = gpt.get_config("tiny")
+    config.model.norm_epsilon = 1e-5
+    tokens = jnp.zeros((1, config.model.max_len), jnp.int32)
+    pretrained = nn.unbox(gpt.model(config).init(jax.random.key(7), tokens)["params"])
+    path = gpt2.export_params(pretrained, str(tmp_path / "gpt2"), num_heads=config.model.num_heads)
+    config.init_from = path
+    config.lora.update(dict(rank=2, targets=("attention/(query|value)$",)))
+    config.train.steps, config.checkpoint.every_steps = 3, 3
+    config.log.progress = False
+    config.lock()
+    lm = types.SimpleNamespace(**{**vars(gpt), "report": None})  # no samples / FLOP count: numbers only
+    result = loop.train(lm, config, str(tmp_path / "run"))
+    assert np.isfinite(result.eval_metrics["eval/loss"])
+    params = jax.tree.map(np.asarray, result.state.params)
+    trained_adapter = False
+    for p, value in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(params)):
+        if lora.is_adapter(p):
+            trained_adapter |= p.endswith("lora_b") and bool(np.any(value != 0))
+    assert trained_adapter
+    # The GPT-2 weights were loaded and stayed fixed: merging the (trained) adapters out again gives them back.
+    base = lora.merge(params, config.lora)
+    np.testing.assert_array_equal(base["embed"]["token"]["embedding"], pretrained["embed"]["token"]["embedding"])
+    np.testing.assert_array_equal(base["decoder"]["layers"]["block"]["mlp_in"]["kernel"],
+                                  pretrained["decoder"]["layers"]["block"]["mlp_in"]["kernel"])

@@ -1,0 +1,33 @@
+"""experiments.finetune: class subsets, trainable-parameter counts, the tiny preset end to end."""
+
+import json
+
+import numpy as np
+
+from experiments import finetune
+
+
+def test_class_subset_draws_shots_per_class_and_renumbers():
+    arrays = {"image": np.arange(20 * 4, dtype=np.uint8).reshape(20, 2, 2, 1), "label": np.arange(20) % 10}
+    x, y = finetune.class_subset(arrays, (5, 7), 2, np.random.default_rng(0))
+    assert x.shape == (4, 2, 2, 1) and sorted(y.tolist()) == [0, 0, 1, 1]
+    assert x.max() <= 1.0
+    x_all, y_all = finetune.class_subset(arrays, (3,))
+    assert len(y_all) == 2 and set(y_all.tolist()) == {0}
+
+
+def test_finetune_tiny_prints_the_four_way_table(tmp_path):
+    config = finetune.get_config("tiny")
+    summary = finetune.run(config, str(tmp_path))
+    methods = summary["methods"]
+    assert list(methods) == list(finetune.METHODS)
+    m = config.model
+    flat = 4 * 4 * m.features[-1]  # one 2x pool of the 8x8 digits
+    head = m.dense * 5 + 5
+    assert methods["linear_probe"]["trainable_params"] == head
+    assert methods["lora"]["trainable_params"] == head + config.lora.rank * (flat + m.dense)
+    assert methods["finetune"]["trainable_params"] == methods["scratch"]["trainable_params"] == summary["model_params"]
+    for r in methods.values():
+        assert 0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracies"]) == config.seeds
+    assert json.loads((tmp_path / "results.json").read_text())["methods"].keys() == methods.keys()
+    assert "| linear_probe |" in (tmp_path / "results.md").read_text()

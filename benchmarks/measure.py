@@ -1,0 +1,104 @@
+"""Timing, FLOP counts, memory and device peaks: the measuring tools every benchmark here shares.
+
+Step times are medians of timed windows after a warm-up, each window ended by
+`block_until_ready` (JAX) or by the synchronous return of the last step (PyTorch on CPU).
+Contenders are timed in interleaved windows inside one process, so the noise of a shared
+machine hits them alike and their *ratios* are the figures to trust.
+"""
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+from experiments import gpt
+
+# Dense peak FLOP/s per chip from the vendors' datasheets (no sparsity), by compute dtype.
+# Matched against `jax.devices()[0].device_kind` (or torch's device name) by the first
+# substring that occurs in it, so the more specific names come first.
+PEAKS = (
+    # (substring of the device kind, bfloat16 peak, float32 peak)
+    ("H200", 989e12, 67e12),
+    ("H100 PCIe", 756e12, 51e12),
+    ("H100", 989e12, 67e12),  # SXM
+    ("A100", 312e12, 19.5e12),
+    ("TPU v6 lite", 918e12, None),  # v6e (Trillium)
+    ("TPU v6e", 918e12, None),
+    ("TPU v5 lite", 197e12, None),  # v5e
+    ("TPU v5e", 197e12, None),
+    ("TPU v5p", 459e12, None),
+    ("TPU v5", 459e12, None),  # v5p reports itself as "TPU v5"
+    ("TPU v4", 275e12, None),
+)
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+    """The datasheet peak FLOP/s of `device_kind` for compute in `dtype`, None if not in PEAKS."""
+    for name, bf16, fp32 in PEAKS:
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype in ("bfloat16", "float16") else fp32
+    return None
+
+
+def device_peak(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) of JAX's first device for `dtype` compute."""
+    kind = jax.devices()[0].device_kind
+    peak = datasheet_peak(kind, dtype)
+    if peak is not None:
+        return peak, f"datasheet {dtype} peak of {kind}"
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"no datasheet peak for device {kind!r} ({dtype}); known: {[p[0] for p in PEAKS]}")
+    # experiments.gpt reports its MFU against the same measured peak.
+    return gpt.measured_peak_flops(), "measured float32 1024x1024 matmul on this CPU"
+
+
+def compile_timed(jitted, *args) -> tuple[object, float]:
+    """(compiled executable, seconds to lower and compile) of a jitted function for `args`."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def flops_of(compiled_or_lowered) -> float:
+    """XLA's FLOP count of one call. XLA counts a loop body once, not once per trip:
+    callers with scanned layers or time steps count an unrolled program instead."""
+    cost = compiled_or_lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def memory_of(compiled) -> dict:
+    """Peak device memory: the backend's live counter where it keeps one (GPU/TPU), else
+    XLA's buffer assignment of the compiled step (arguments + outputs - donated aliases + temporaries)."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_bytes": int(stats["peak_bytes_in_use"]), "source": "device memory_stats"}
+    m = compiled.memory_analysis()
+    if m is None:
+        return {"peak_bytes": None, "source": "not reported by this backend"}
+    peak = getattr(m, "peak_memory_in_bytes", 0) or (
+        m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    return {"peak_bytes": int(peak), "source": "compiled.memory_analysis()"}
+
+
+def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int], repeats: int) -> dict:
+    """Median seconds per step of each contender, timing their windows in turn `repeats` times.
+
+    `windows[name](n)` runs n steps and returns only when they are done."""
+    times = {name: [] for name in windows}
+    for _ in range(repeats):
+        for name, window in windows.items():
+            t = time.perf_counter()
+            window(steps[name])
+            times[name].append((time.perf_counter() - t) / steps[name])
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "windows": len(ts)}
+            for name, ts in times.items()}
+
+
+def steps_for(window: Callable[[int], None], target_s: float, cap: int = 200) -> int:
+    """How many steps make a window of about `target_s` seconds (one timed step after the warm-up)."""
+    t = time.perf_counter()
+    window(1)
+    one = max(time.perf_counter() - t, 1e-6)
+    return int(max(1, min(cap, round(target_s / one))))

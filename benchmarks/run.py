@@ -1,0 +1,377 @@
+"""jaxml's performance suite: one run, every family, side by side with what users would pick instead.
+
+    python -m benchmarks.run                                  # everything, CPU sizes (~10 min on 2 cores)
+    python -m benchmarks.run --only cnn,gpt --out /tmp/bench  # some families
+    python -m benchmarks.run --quick --only cnn               # seconds: tiny sizes, smoke test
+    python -m benchmarks.run --device gpu                     # GPU sizes, bfloat16, torch.compile on cuda
+
+Per family (benchmarks/families.py gives the fixed sizes): compile time, steady-state step
+time (median of timed windows after a warm-up, ended by block_until_ready), throughput,
+FLOPs per step from the compiled step's cost analysis, achieved FLOP/s and MFU against the
+device's peak (benchmarks/measure.py: datasheet peaks for H100/H200/A100/TPU v4-v6e, a measured
+matmul peak on CPU), and peak device memory. In the same process and interleaved window by
+window, so machine noise hits all alike:
+  - the PyTorch twin (benchmarks/torch_twins.py), eager and torch.compile: jaxml/PyTorch time ratios;
+  - a bare hand-written jitted Flax step of the same model (the engine's overhead);
+  - the real grain input pipeline vs one cached device batch (the pipeline's cost);
+then scaling curves (benchmarks/scaling.py). Writes results.json, results.md and scaling.png to --out.
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+FLAGS_NOTE = ("PyTorch runs with OMP_WAIT_POLICY=PASSIVE unless --torch-omp-active: on a shared machine "
+              "its spinning OpenMP threads otherwise lose their cores and steps take 10-30x longer")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated families (default: all): "
+                    "cnn,resnet20,resnet50,vit,lstm,gpt,unet")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute dtype (default: float32 on cpu, bfloat16 on gpu); params stay float32")
+    ap.add_argument("--out", default="benchmarks/results", help="where results.json, results.md and scaling.png go")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few windows: a smoke run")
+    ap.add_argument("--windows", type=int, default=None, help="timed windows per contender (default 5, quick 2)")
+    ap.add_argument("--window-s", type=float, default=None, help="target seconds per window (default 0.5)")
+    ap.add_argument("--torch", default="all", help="families timed against the PyTorch twin (all | none | list)")
+    ap.add_argument("--torch-compile", default="cnn,gpt",
+                    help="families also timed with torch.compile (all | none | list; it compiles for minutes on 2 cores)")
+    ap.add_argument("--bare", default="cnn,resnet20,vit,lstm,gpt",
+                    help="families timed against a bare jitted Flax step (classifiers and LMs)")
+    ap.add_argument("--pipeline", default="cnn,gpt", help="families whose real grain pipeline is timed")
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
+    args = ap.parse_args(argv)
+    args.windows = args.windows or (2 if args.quick else 5)
+    args.window_s = args.window_s or (0.05 if args.quick else 0.5)
+    return args
+
+
+def _names(spec: str, universe) -> list[str]:
+    if spec in ("all", ""):
+        return list(universe)
+    if spec == "none":
+        return []
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in universe]
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; expected some of {list(universe)}")
+    return names
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.merge:
+        out = merge(args.merge)
+        write(out, args.out)
+        print(markdown(out))
+        return out
+    if not args.torch_omp_active and args.torch != "none":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, so before its import
+
+    import jax
+
+    from benchmarks import families, measure, scaling
+
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu asked for, but JAX's backend is {jax.default_backend()!r}")
+    try:
+        from benchmarks import torch_twins
+        import torch
+        torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError as e:
+        torch_twins, torch_note = None, f"PyTorch columns skipped: torch is not installed ({e}); pip install -e .[bench]"
+    only = _names(args.only, families.FAMILIES)
+    dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
+    peak, peak_source = measure.device_peak(dtype)
+    out = {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
+                    "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_start": _load()},
+        "settings": {"quick": args.quick, "windows": args.windows, "window_s": args.window_s, "dtype": dtype,
+                     "note": FLAGS_NOTE},
+        "families": [], "pipeline": [], "scaling": None,
+    }
+    print(f"jaxml benchmarks on {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
+          f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); {torch_note}", flush=True)
+    torch_set = set(_names(args.torch, families.FAMILIES)) if torch_twins else set()
+    compile_set = set(_names(args.torch_compile, families.FAMILIES)) & torch_set
+    bare_set = set(_names(args.bare, families.FAMILIES))
+    for name in only:
+        w = families.workload(name, args.device, args.quick, dtype)
+        row = bench_family(w, args, peak, torch_twins if name in torch_set else None, name in compile_set,
+                           name in bare_set and w.kind in ("classifier", "lm"))
+        out["families"].append(row)
+        print(_family_line(row), flush=True)
+    for name in _names(args.pipeline, families.FAMILIES):
+        if name in only and name in ("cnn", "gpt"):
+            row = bench_pipeline(families.workload(name, args.device, args.quick, dtype), args)
+            out["pipeline"].append(row)
+            print(f"  pipeline {name}: {row['pipeline_steps_per_s']:.1f} steps/s with grain vs "
+                  f"{row['cached_steps_per_s']:.1f} on a cached batch: ratio {row['ratio']:.3f}", flush=True)
+    if not args.no_scaling:
+        out["scaling"] = scaling.run(args.quick, max(2, args.windows - 2), args.window_s,
+                                     log=lambda s: print(s, flush=True))
+    out["machine"]["load_avg_end"] = _load()
+    write(out, args.out)
+    print(markdown(out))
+    return out
+
+
+def _load():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+# ---- one family ------------------------------------------------------------------------
+
+
+def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: bool) -> dict:
+    import jax
+
+    from benchmarks import families, measure
+    from jaxml.train import parallel
+
+    batch_size = w.config.data.batch_size
+    placement = parallel.setup(w.config.parallel, init_fn=functools.partial(w.experiment.init, w.config),
+                               train_step=functools.partial(w.experiment.train_step, w.config), eval_step=None,
+                               example_batch=w.batch, global_batch_size=batch_size, devices=jax.devices()[:1])
+    key = jax.random.key(0)
+    state = placement.init(key, w.batch)
+    batch = placement.place_batch(w.batch)
+    compiled, compile_s = measure.compile_timed(placement.train_step, state, batch, key)
+    flops, flops_source = w.flops() if w.flops is not None else (measure.flops_of(compiled), "XLA cost analysis")
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    row = {"family": w.name, "size": w.size, "dtype": w.dtype, "unit": w.unit, "batch": batch_size,
+           "params": int(params), "compile_s": compile_s, "flops_per_step": flops, "flops_source": flops_source,
+           "memory": measure.memory_of(compiled)}
+    windows = {"jaxml": _jax_window(compiled, state, batch, key)}
+    if bare:
+        bare_state, bare_step = families.bare_step(w.kind, families.model_of(w), w.config, w.batch)
+        bare_compiled, row["bare_compile_s"] = measure.compile_timed(bare_step, bare_state, batch, key)
+        windows["bare"] = _jax_window(bare_compiled, bare_state, batch, key)
+    notes = []
+    if torch_twins is not None:
+        for label, comp in (("torch", False), ("torch.compile", True)) if torch_compile else (("torch", False),):
+            try:
+                t = time.perf_counter()
+                window, row["torch_params"] = torch_twins.build(w, compiled=comp, device=args.device)
+                window(1)  # torch.compile compiles here
+                row[f"{label}_first_step_s"] = time.perf_counter() - t
+                windows[label] = window
+            except Exception as e:  # torch.compile fails on some setups: report it, keep the rest
+                notes.append(f"{label} failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    for window in windows.values():
+        window(1)  # warm-up
+    steps = {name: measure.steps_for(window, args.window_s) for name, window in windows.items()}
+    timed = measure.interleaved(windows, steps, args.windows)
+    step_s = timed["jaxml"]["median_s"]
+    row.update({
+        "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * timed["jaxml"]["min_s"], "step_ms_max": 1e3 * timed["jaxml"]["max_s"],
+        "throughput": w.items_per_step / step_s, "flops_per_s": flops / step_s, "mfu": flops / step_s / peak,
+        "steps_per_window": steps, "notes": notes,
+    })
+    for label in ("bare", "torch", "torch.compile"):
+        if label in timed:
+            row[f"{label}_ms"] = 1e3 * timed[label]["median_s"]
+            row[f"jaxml_over_{label}"] = step_s / timed[label]["median_s"]
+    return row
+
+
+def _jax_window(compiled, state, batch, key, holder: list | None = None):
+    """Runs n steps of `compiled` on `batch`; the state lives in `holder` (shared by windows that
+    take turns on one donated state)."""
+    import jax
+
+    holder = [state] if holder is None else holder
+
+    def window(n: int):
+        s = holder[0]
+        for _ in range(n):
+            s, metrics = compiled(s, batch, key)
+        jax.block_until_ready(metrics)
+        holder[0] = s
+
+    return window
+
+
+# ---- the input pipeline ----------------------------------------------------------------
+
+
+def bench_pipeline(w, args) -> dict:
+    """The engine's step fed by the real grain pipeline (through the loop's DeviceBatches) vs
+    the same step on one cached device batch, interleaved."""
+    import jax
+
+    from benchmarks import measure
+    from jaxml import data
+    from jaxml.train import parallel
+
+    dc = w.config.data
+    source = data.load_source(dc.name, dc.train_split, dc.data_dir, cache=dc.cache)
+    iterator = iter(data.train_dataset(source, global_batch_size=dc.batch_size, seed=dc.seed,
+                                       num_workers=dc.num_workers))
+    example = next(iter(data.train_dataset(source, global_batch_size=dc.batch_size, seed=dc.seed)))
+    placement = parallel.setup(w.config.parallel, init_fn=functools.partial(w.experiment.init, w.config),
+                               train_step=functools.partial(w.experiment.train_step, w.config), eval_step=None,
+                               example_batch=example, global_batch_size=dc.batch_size, devices=jax.devices()[:1])
+    key = jax.random.key(0)
+    state = placement.init(key, example)
+    cached = placement.place_batch(example)
+    compiled, _ = measure.compile_timed(placement.train_step, state, cached, key)
+    batches = data.DeviceBatches(iterator, placement.place_batch)
+    holder = [state]  # one state, donated step to step, whichever window runs
+
+    def pipeline_window(n):
+        s = holder[0]
+        for _ in range(n):
+            s, metrics = compiled(s, next(batches), key)
+        jax.block_until_ready(metrics)
+        holder[0] = s
+
+    windows = {"pipeline": pipeline_window, "cached": _jax_window(compiled, state, cached, key, holder)}
+    for window in windows.values():
+        window(2)
+    n = measure.steps_for(windows["cached"], args.window_s)
+    timed = measure.interleaved(windows, {"pipeline": n, "cached": n}, args.windows)
+    row = {"family": w.name, "dataset": dc.name, "batch": dc.batch_size, "num_workers": dc.num_workers,
+           "pipeline_steps_per_s": 1 / timed["pipeline"]["median_s"],
+           "cached_steps_per_s": 1 / timed["cached"]["median_s"]}
+    row["ratio"] = row["pipeline_steps_per_s"] / row["cached_steps_per_s"]
+    if w.name == "cnn" and not args.quick:
+        row["loop_steps_per_s"] = _whole_loop(w, n)
+    return row
+
+
+def _whole_loop(w, steps_per_window: int) -> float:
+    """Median steps/s of `jaxml.train.loop.train` itself (no eval), from its metrics log."""
+    import types
+
+    from jaxml.train import log, loop
+
+    exp = types.ModuleType(f"{w.name}_no_eval")
+    exp.get_config, exp.init, exp.train_step = w.experiment.get_config, w.experiment.init, w.experiment.train_step
+    exp.eval_step, exp.report = None, None
+    c = w.config.copy_and_resolve_references()
+    c.train.log_every = steps_per_window
+    c.train.steps = 6 * steps_per_window
+    c.train.eval_every = 0
+    c.checkpoint.every_steps = c.train.steps
+    c.log.progress = False
+    with tempfile.TemporaryDirectory() as workdir:
+        loop.train(exp, c, workdir)
+        rows = [r["perf/steps_per_sec"] for r in log.read_metrics(workdir) if "perf/steps_per_sec" in r]
+    rows = sorted(rows[1:])  # the first window includes the compile
+    return rows[len(rows) // 2]
+
+
+# ---- output ----------------------------------------------------------------------------
+
+
+def _family_line(r: dict) -> str:
+    s = (f"{r['family']:9} compile {r['compile_s']:6.1f} s  {r['step_ms']:8.2f} ms/step  "
+         f"{r['throughput']:9.0f} {r['unit']}/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU {r['mfu']:6.1%}")
+    for label in ("bare", "torch", "torch.compile"):
+        if f"{label}_ms" in r:
+            s += f"  {label} {r[f'{label}_ms']:.2f} ms (x{r[f'jaxml_over_{label}']:.2f})"
+    return s + "".join(f"  [{n}]" for n in r["notes"])
+
+
+def _f(x, fmt):
+    return "" if x is None else format(x, fmt)
+
+
+def markdown(out: dict) -> str:
+    m = out["machine"]
+    peaks = m.get("peaks_measured") or [m["peak_flops"]]
+    lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
+             f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
+             f"{f', highest of {len(peaks)} concurrent runs' if len(peaks) > 1 else ''}), "
+             f"jax {m['jax']}, Python {m['python']}; {m['torch']}. Peak "
+             f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
+             f"own run's). Command: `{out['command']}`.", "",
+             "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "
+             "| bare Flax ms | engine/bare | PyTorch eager ms | jaxml/eager | torch.compile ms | jaxml/compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["families"]:
+        mem = r["memory"]["peak_bytes"]
+        lines.append(
+            f"| {r['family']} | {r['size']} ({r['dtype']}) | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
+            f"{r['throughput']:.0f} {r['unit']}/s | {r['flops_per_step'] / 1e9:.3f} | {r['flops_per_s'] / 1e9:.1f} | "
+            f"{r['mfu']:.1%} | {_f(mem and mem / 2**20, '.1f')} | {_f(r.get('bare_ms'), '.2f')} | "
+            f"{_f(r.get('jaxml_over_bare'), '.3f')} | {_f(r.get('torch_ms'), '.2f')} | "
+            f"{_f(r.get('jaxml_over_torch'), '.2f')} | {_f(r.get('torch.compile_ms'), '.2f')} | "
+            f"{_f(r.get('jaxml_over_torch.compile'), '.2f')} |")
+    notes = [f"{r['family']}: {n}" for r in out["families"] for n in r["notes"]]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    if out["pipeline"]:
+        lines += ["", "| input pipeline | dataset | batch | grain steps/s | cached-batch steps/s | ratio | whole loop steps/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in out["pipeline"]:
+            lines.append(f"| {p['family']} | {p['dataset']} | {p['batch']} | {p['pipeline_steps_per_s']:.1f} | "
+                         f"{p['cached_steps_per_s']:.1f} | {p['ratio']:.3f} | {_f(p.get('loop_steps_per_s'), '.1f')} |")
+    sc = out["scaling"]
+    if sc:
+        lines += ["", "| scaling | point | compile s | ms/step | GFLOP/step | GFLOP/s |", "|---|---|---|---|---|---|"]
+        for sweep, key, extra in (("batch", "batch", None), ("seq_len", "seq_len", "attention"),
+                                  ("width", "width", None), ("depth", "depth", "layers")):
+            for r in sc[sweep]:
+                point = f"{key} {r[key]}" + (f", {r[extra]}" if extra else "")
+                lines.append(f"| {r['model']} | {point} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
+                             f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} |")
+    lines += ["", (f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}. "
+                   if m.get("load_avg_end") else "") +
+              "Ratios come from windows interleaved in one process; absolute times drift with the machine's load."]
+    return "\n".join(lines)
+
+
+def merge(directories: list[str]) -> dict:
+    """One result from several runs' results.json: their families, pipelines and scaling in order;
+    the machine of the first, with the load averages and commands of all."""
+    runs = []
+    for d in directories:
+        with open(os.path.join(d, "results.json")) as f:
+            runs.append(json.load(f))
+    out = dict(runs[0], families=[], pipeline=[], scaling=None)
+    out["command"] = " ; ".join(r["command"] for r in runs)
+    loads = [r["machine"][k] for r in runs for k in ("load_avg_start", "load_avg_end") if r["machine"].get(k)]
+    out["machine"] = dict(runs[0]["machine"], load_avg_start=[max(x[i] for x in loads) for i in range(3)] if loads else None,
+                          load_avg_end=None, runs=len(runs), peaks_measured=[r["machine"]["peak_flops"] for r in runs])
+    for r in runs:
+        out["families"] += r["families"]
+        out["pipeline"] += r["pipeline"]
+        out["scaling"] = out["scaling"] or r["scaling"]
+    return out
+
+
+def write(out: dict, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "results.json"), "w") as f:
+        json.dump(out, f, indent=2, default=float)
+    with open(os.path.join(directory, "results.md"), "w") as f:
+        f.write(markdown(out) + "\n")
+    if out["scaling"]:
+        from benchmarks import scaling
+        scaling.plot(os.path.join(directory, "scaling.png"), out["scaling"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The benchmark suite runs end to end (quick, one tiny family) and writes valid results;
+its peak table and the PyTorch twins' architectures are checked against jaxml's."""
+
+import json
+
+import flax.linen as nn
+import jax
+import pytest
+
+from benchmarks import families, measure, run
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    out = run.main(["--quick", "--only", "cnn", "--torch", "none", "--pipeline", "none", "--no-scaling",
+                    "--windows", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["jax"] == jax.__version__ and saved["machine"]["peak_flops"] > 0
+    (row,) = saved["families"]
+    assert row["family"] == "cnn" and row["batch"] == 16
+    assert row["compile_s"] > 0 and row["step_ms"] > 0 and row["throughput"] > 0
+    assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1.5, row
+    assert row["memory"]["peak_bytes"] > 0
+    # The bare Flax step ran beside the engine's: the overhead ratio is a real, positive number.
+    assert row["bare_ms"] > 0 and row["jaxml_over_bare"] == pytest.approx(row["step_ms"] / row["bare_ms"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| cnn |" in table and table == run.markdown(out) + "\n"
+
+
+def test_unknown_family_is_refused_with_the_choices():
+    with pytest.raises(SystemExit, match="expected some of"):
+        run.main(["--only", "cnn,alexnet", "--no-scaling"])
+    with pytest.raises(ValueError, match="unknown family 'alexnet'"):
+        families.workload("alexnet")
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 19.5e12), ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12), ("TPU v5", "bfloat16", 459e12), ("TPU v6 lite", "bfloat16", 918e12),
+    ("cpu", "float32", None)])
+def test_datasheet_peaks(kind, dtype, peak):
+    assert measure.datasheet_peak(kind, dtype) == peak
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_torch_twin_has_jaxmls_parameter_count(name):
+    twins = pytest.importorskip("benchmarks.torch_twins")
+    torch = pytest.importorskip("torch")
+    w = families.workload(name, quick=True)
+    shapes = jax.eval_shape(lambda r: w.experiment.init(w.config, r, w.batch), jax.random.key(0))
+    jax_params = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes.params)))
+    model, _, _ = twins._twin(w, torch.device("cpu"))
+    torch_params = sum(p.numel() for p in model.parameters())
+    # nn.LSTM keeps two bias vectors per layer (input and recurrent) where jaxml's cell has one.
+    extra = 4 * w.config.model.hidden * w.config.model.num_layers if name == "lstm" else 0
+    assert torch_params == jax_params + extra

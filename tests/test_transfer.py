@@ -11,13 +11,7 @@ from experiments import cnn
 from jaxml import transfer
 from jaxml.train import loop, optim
 from tests.test_engine import tiny_config
-
-
-def _cfg(**overrides):
-    cfg = optim.default_config()
-    cfg.update(overrides)
-    cfg.lock()
-    return cfg
+from tests.test_optim import _cfg
 
 
 def _params():

@@ -6,12 +6,17 @@
 State layout (one pytree, one checkpoint): `params` / `opt_state` / `batch_stats` are the
 generator's; `extra` holds the discriminator's params and optimizer state (two Optax
 optimizers) and `snapshots`, the generator's output on a fixed noise batch at evenly spaced
-steps, so the picture of training progress survives resumes. Measured (digits, 2000 steps,
-~4 minutes on 2 heavily shared CPU cores): the game trains (D(real) 0.55, D(fake) 0.44 at the
-end) but the generator mode-collapses: one blurry digit-like shape per snapshot (open issue). Writes samples.png (fixed noise
-over training, one row per snapshot) into the workdir.
+steps, so the picture of training progress survives resumes. Samples use G's BatchNorm in
+inference mode (running statistics). Without help the digits run mode-collapsed (one blurry
+shape per snapshot); a minibatch-stddev channel in D and an R1 penalty on real images fix it.
+Measured (digits, 2000 steps, batch 64): 6 min wall / 151 s user+sys CPU on 2 CPU cores shared
+with ~10 other jobs (expect ~2 min idle); 1000 samples cover all 10 classes as a digits CNN
+sees them (85-128 per class, entropy 3.30 of 3.32 bits), classifier-feature Fréchet distance
+42 vs 349 for uniform noise and 7 for the training images. Writes samples.png (fixed noise over
+training, one row per snapshot), samples_final.png (100 samples) and gan_quality.json.
 """
 
+import json
 import os
 import sys
 
@@ -23,9 +28,9 @@ import numpy as np
 import optax
 
 from jaxml import config as config_lib
-from jaxml import plots
+from jaxml import plots, sample_quality
 from jaxml.models import gan
-from jaxml.train import optim, parallel
+from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
 
@@ -39,8 +44,19 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # Half of DCGAN's widths: on CPU, (128, 64) / (64, 128) at batch 128 ran ~40x slower per step.
         g_features=(64, 32),
         d_features=(32, 64),
+        minibatch_std=True,  # D sees the batch's variety: the cure for the collapse seen without it
         snapshots=6,  # rows of samples.png: the fixed noise batch at evenly spaced steps
         snapshot_size=10,
+    ))
+    c.gan = ml_collections.ConfigDict(dict(
+        # R1 (Mescheder et al. 2018): gamma/2 E|grad_x D(x_real)|^2 keeps D smooth around the data,
+        # so G gets useful gradients instead of chasing a sharp D from one mode to the next.
+        r1_gamma=1.0,
+        label_smoothing=0.0,  # one-sided: D's target for real images is 1 - this
+    ))
+    c.quality = ml_collections.ConfigDict(dict(
+        samples=1000,  # for class coverage and the Fréchet distance
+        classifier_steps=400,
     ))
     # DCGAN's Adam settings for both players (b1 = 0.5 damps the oscillation of the game).
     c.optim.name = "adam"
@@ -56,6 +72,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         return c
     if preset == "tiny":
         c.model.update(latent=4, g_features=(8,), d_features=(8,), snapshots=2, snapshot_size=2)
+        c.quality.update(samples=20, classifier_steps=3)
         c.train.steps, c.train.log_every = 6, 2
         c.checkpoint.every_steps = 3
         c.data.batch_size = 16
@@ -76,7 +93,7 @@ def generator(config) -> nn.Module:
 
 
 def discriminator(config) -> nn.Module:
-    return gan.Discriminator(tuple(config.model.d_features))
+    return gan.Discriminator(tuple(config.model.d_features), minibatch_std=config.model.minibatch_std)
 
 
 def g_tx(config):
@@ -127,17 +144,25 @@ def discriminator_update(config, state: TrainState, real, rng) -> tuple[TrainSta
 
     def loss_fn(d_params):
         d = lambda x: discriminator(config).apply({"params": d_params}, x)
-        real_logits, fake_logits = d(real), d(fake)
-        loss = jax.nn.softplus(-real_logits).mean() + jax.nn.softplus(fake_logits).mean()
-        return loss, (real_logits, fake_logits)
+        real_logits, d_vjp = jax.vjp(d, real)
+        fake_logits = d(fake)
+        smooth = config.gan.label_smoothing  # BCE with target 1 - smooth for real, 0 for fake
+        loss = ((1.0 - smooth) * jax.nn.softplus(-real_logits) + smooth * jax.nn.softplus(real_logits)).mean() \
+            + jax.nn.softplus(fake_logits).mean()
+        # R1: the gradient of D's logits with respect to the real images (each logit depends on
+        # its own image, and on the others only through the minibatch-stddev channel).
+        grad_x = d_vjp(jnp.ones_like(real_logits))[0]
+        r1 = jnp.sum(grad_x**2, axis=tuple(range(1, grad_x.ndim))).mean()
+        return loss + 0.5 * config.gan.r1_gamma * r1, (real_logits, fake_logits, r1)
 
-    (loss, (real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.extra["d_params"])
+    (loss, (real_logits, fake_logits, r1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.extra["d_params"])
     grads = parallel.mean_over_devices(grads)
     updates, d_opt_state = d_tx(config).update(grads, state.extra["d_opt_state"], state.extra["d_params"])
     d_params = optax.apply_updates(state.extra["d_params"], updates)
     extra = {**state.extra, "d_params": d_params, "d_opt_state": d_opt_state}
     return state.replace(extra=extra, batch_stats=batch_stats), {
-        "d_loss": loss, "d_real": jax.nn.sigmoid(real_logits).mean(), "d_fake": jax.nn.sigmoid(fake_logits).mean()}
+        "d_loss": loss, "d_real": jax.nn.sigmoid(real_logits).mean(), "d_fake": jax.nn.sigmoid(fake_logits).mean(),
+        "r1": r1}
 
 
 def generator_update(config, state: TrainState, batch_size: int, rng) -> tuple[TrainState, dict]:
@@ -178,12 +203,46 @@ eval_step = None
 
 
 def report(config, state, workdir, eval_sums) -> None:
-    """samples.png: the fixed noise batch decoded at evenly spaced steps (rows), and at the end."""
+    """samples.png: the fixed noise batch decoded at evenly spaced steps (rows); samples_final.png:
+    100 fresh samples; gan_quality.json: class coverage and Fréchet distance of `quality.samples`."""
     m, total = config.model, config.train.steps
     steps = [round((k + 1) * total / m.snapshots) for k in range(m.snapshots)]
     images = (np.asarray(state.extra["snapshots"]).reshape((-1,) + tuple(state.extra["snapshots"].shape[2:])) + 1) / 2
     plots.image_grid(os.path.join(workdir, "samples.png"), images, m.snapshot_size,
                      title="DCGAN samples from a fixed noise batch", row_labels=[f"step {s}" for s in steps])
+    samples = generate(config, state, jax.random.key(config.seed + 1), config.quality.samples)
+    plots.image_grid(os.path.join(workdir, "samples_final.png"), samples[:100], 10,
+                     title=f"DCGAN samples after step {int(state.step)} (fresh noise)")
+    results = quality(config, samples)
+    with open(os.path.join(workdir, "gan_quality.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    log.info("sample quality: " + "  ".join(f"{k} {v}" if isinstance(v, list) else f"{k} {v:.4g}"
+                                            for k, v in results.items()))
+
+
+def generate(config, state, rng, n: int) -> np.ndarray:
+    """n samples in [0, 1] from G with its BatchNorm in inference mode (running statistics)."""
+    fn = jax.jit(lambda p, s, z: _generate(config, p, s, z, train=False)[0])
+    return np.clip((np.asarray(fn(state.params, state.batch_stats, jax.random.normal(rng, (n, config.model.latent))))
+                    + 1.0) / 2.0, 0.0, 1.0)
+
+
+def quality(config, samples) -> dict:
+    """Class coverage of the samples by a classifier trained on the dataset, and classifier-feature
+    Fréchet distances to the test images: samples, uniform noise and the training images."""
+    size = config.model.image_size
+    to_unit = lambda images: (np.asarray(to_model_space(jnp.asarray(images), size)) + 1.0) / 2.0
+    classifier, reference, reference_labels, train_images = sample_quality.classifier_and_reference(
+        config.data, to_unit, config.quality.classifier_steps, config.seed)
+    noise = np.random.default_rng(config.seed).uniform(size=samples.shape).astype(np.float32)
+    fd = lambda images: sample_quality.classifier_frechet_distance(classifier, reference, images)
+    return {
+        "classifier_test_accuracy": sample_quality.conditional_accuracy(classifier, reference, reference_labels),
+        **sample_quality.class_coverage(classifier.logits(samples).argmax(-1)),
+        "frechet_samples": fd(samples),
+        "frechet_noise": fd(noise),
+        "frechet_train_images": fd(train_images),
+    }
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ quickly, by `train_classifier`. Numbers are comparable only for the same classif
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxml import losses
+from jaxml import data, losses
 from jaxml.models import cnn
 
 
@@ -116,3 +116,34 @@ def conditional_accuracy(classifier: Classifier, images_NxHxWxC, intended_labels
     """Fraction of samples the classifier assigns to the class they were generated for."""
     predicted = classifier.logits(images_NxHxWxC).argmax(-1)
     return float(np.mean(predicted == np.asarray(intended_labels_N)))
+
+
+def class_coverage(predicted_N, num_classes: int = 10) -> dict:
+    """How an unconditional generator's samples spread over the classes a classifier predicts for
+    them: the histogram, how many classes appear (at all, and in >= 2% of samples) and the
+    histogram's entropy in bits (log2(num_classes) when uniform, 0 when collapsed to one class)."""
+    predicted = np.asarray(predicted_N)
+    if predicted.ndim != 1 or predicted.size == 0 or predicted.min() < 0 or predicted.max() >= num_classes:
+        raise ValueError(f"expected a non-empty (N,) array of class indices in [0, {num_classes}), got shape "
+                         f"{predicted.shape}" + (f", range [{predicted.min()}, {predicted.max()}]" if predicted.size else ""))
+    counts = np.bincount(predicted, minlength=num_classes)
+    p = counts[counts > 0] / counts.sum()
+    return {
+        "class_histogram": counts.tolist(),
+        "classes_present": int(np.sum(counts > 0)),
+        "classes_at_least_2pct": int(np.sum(counts >= 0.02 * counts.sum())),
+        "class_entropy_bits": float(-np.sum(p * np.log2(p))),
+        "class_entropy_bits_uniform": float(np.log2(num_classes)),
+    }
+
+
+def classifier_and_reference(data_config, to_unit: Callable[[np.ndarray], np.ndarray], steps: int,
+                             seed: int) -> tuple[Classifier, np.ndarray, np.ndarray, np.ndarray]:
+    """(classifier trained on the train split, test images, test labels, train images) of
+    `data_config`'s dataset, images mapped by `to_unit` (uint8 -> floats in [0, 1] as the
+    generator's samples are shaped)."""
+    train = data.load_source(data_config.name, data_config.train_split, data_config.data_dir, cache=True)
+    test = data.load_source(data_config.name, data_config.eval_split, data_config.data_dir, cache=True)
+    train_images = np.asarray(to_unit(train.arrays["image"]))
+    classifier = train_classifier(train_images, train.arrays["label"], steps=steps, seed=seed)
+    return classifier, np.asarray(to_unit(test.arrays["image"])), np.asarray(test.arrays["label"]), train_images

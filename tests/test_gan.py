@@ -36,3 +36,15 @@ def test_generator_and_discriminator_shapes():
     assert images.shape == (2, 16, 16, 3)
     dv = jax.eval_shape(lambda: d.init(jax.random.key(0), jnp.ones((2, 16, 16, 3))))
     assert jax.eval_shape(lambda v: d.apply(v, jnp.ones((2, 16, 16, 3))), dv).shape == (2,)
+
+
+def test_minibatch_stddev_lets_d_see_a_collapsed_batch():
+    from jaxml.models import gan
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    collapsed = jnp.broadcast_to(x[:1], x.shape)  # every image a copy of the first: no variety
+    for minibatch_std in (True, False):
+        d = gan.Discriminator((8,), minibatch_std=minibatch_std)
+        variables = d.init(jax.random.key(1), x)
+        first, first_in_collapsed = d.apply(variables, x)[0], d.apply(variables, collapsed)[0]
+        # The same first image is judged differently only when D sees the batch's spread.
+        assert bool(first != first_in_collapsed) == minibatch_std

@@ -38,17 +38,28 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """n x (stride-2 conv, LeakyReLU 0.2) -> dense to one logit (real vs fake); no BatchNorm, so
-    real and fake batches never share statistics."""
+    """n x (stride-2 conv, LeakyReLU 0.2) -> [minibatch stddev] -> dense to one logit (real vs
+    fake); no BatchNorm, so real and fake batches never share statistics."""
 
     features: Sequence[int] = (64, 128)
+    # Karras et al. 2018: one extra channel holding the batch's mean feature std lets D see a
+    # batch that lacks variety (a collapsed G) and so pushes G towards diverse samples.
+    minibatch_std: bool = False
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"]) -> Float[Array, "B"]:
         h = x_BxHxWxC
         for width in self.features:
             h = nn.leaky_relu(nn.Conv(width, (4, 4), strides=(2, 2))(h), 0.2)
+        if self.minibatch_std:
+            h = jnp.concatenate([h, minibatch_stddev(h)], axis=-1)
         return nn.Dense(1)(einops.rearrange(h, "b h w c -> b (h w c)"))[:, 0]
+
+
+def minibatch_stddev(h_BxHxWxC: Float[Array, "B H W C"]) -> Float[Array, "B H W 1"]:
+    """The std over the batch of every feature, averaged to one number, as a constant channel."""
+    std = jnp.sqrt(jnp.var(h_BxHxWxC, axis=0) + 1e-8).mean()
+    return jnp.broadcast_to(std, h_BxHxWxC.shape[:-1] + (1,))
 
 
 TinyGenerator = functools.partial(Generator, features=(8,))

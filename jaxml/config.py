@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_every=500,  # 0: evaluate only at the end
         # > 0: a step whose loss/metrics or new params are NaN/Inf is discarded (params and
         # optimizer state stay as before it, the batch is consumed) and reported, up to this
-        # many times per run; then, or with 0, the run stops naming the step.
+        # many times per run; then, or with 0, the run stops naming the step. Costs a select
+        # over the state each step (old and new state live at once).
         skip_nonfinite_steps=0,
         # patience > 0: stop after that many periodic evals without improving `metric` by more
         # than min_delta, then restore the best checkpoint (kept in <workdir>/best).

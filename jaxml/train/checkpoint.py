@@ -244,15 +244,19 @@ class Checkpointer:
         want = _leaves_by_path(abstract_state)
         have = _leaves_by_path(stored)
         missing, unused = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        wrong = [f"{k}: checkpoint {tuple(have[k].shape)} {np.dtype(have[k].dtype)}, model {tuple(want[k].shape)} "
-                 f"{np.dtype(want[k].dtype)}" for k in sorted(set(want) & set(have))
-                 if (tuple(have[k].shape), np.dtype(have[k].dtype)) != (tuple(want[k].shape), np.dtype(want[k].dtype))]
-        if missing or unused or wrong:
+        both = sorted(set(want) & set(have))
+        wrong = [f"{k}: checkpoint {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
+                 for k in both if tuple(have[k].shape) != tuple(want[k].shape)]
+        # Restoring would cast silently: float32 moments into bfloat16 lose what they hold.
+        cast = [f"{k}: checkpoint {np.dtype(have[k].dtype)}, model {np.dtype(want[k].dtype)}"
+                for k in both if np.dtype(have[k].dtype) != np.dtype(want[k].dtype)]
+        if missing or unused or wrong or cast:
             raise IncompatibleCheckpointError(
                 f"checkpoint {path} does not match this model (a different model or config?).\n"
                 + (f"  missing in checkpoint: {missing[:8]}\n" if missing else "")
                 + (f"  not in model: {unused[:8]}\n" if unused else "")
-                + ("  shape/dtype mismatch: " + "; ".join(wrong[:8]) + "\n" if wrong else "")
+                + ("  shape mismatch: " + "; ".join(wrong[:8]) + "\n" if wrong else "")
+                + ("  dtype mismatch: " + "; ".join(cast[:8]) + "\n" if cast else "")
                 + "Use a new --workdir, or remove that checkpoint if it is not wanted.")
 
     def _quarantine(self, step: int, path: str, error: Exception) -> None:

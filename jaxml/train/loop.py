@@ -163,8 +163,8 @@ def _train(experiment, config, workdir, devices) -> Result:
         window.extend(restored.meta.get("log_window", []))
         skipped.extend(restored.meta.get("nonfinite_skipped", []))
         log.info(f"restored checkpoint at step {start} from {ckpt.directory}")
-    if jax.process_index() == 0:
-        workdir_lib.drop_metrics_after(workdir, start)  # rows of lost steps; they are logged again
+    if jax.process_index() == 0:  # rows logged after the restored save are logged again
+        workdir_lib.rewind_metrics(workdir, restored.meta.get("metrics_size") if restored else 0, start)
 
     writer = log.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     total = config.train.steps
@@ -218,7 +218,7 @@ def _train(experiment, config, workdir, devices) -> Result:
     def save(step, manager):
         manager.save(step, placement.plain_state(state), batches.get_state(), train_key, config,
                      meta={"early_stopping": stopping.state(), "log_window": list(window),
-                           "nonfinite_skipped": list(skipped)})
+                           "nonfinite_skipped": list(skipped), "metrics_size": workdir_lib.metrics_size(workdir)})
 
     batches = data_lib.DeviceBatches(iterator, placement.place_batch)  # placed a step ahead; after the restore
     try:

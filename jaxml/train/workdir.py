@@ -1,4 +1,5 @@
-"""The run directory: checked writable at start, and locked so two runs never share it."""
+"""The run directory: checked writable at start, locked so two runs never share it, and its
+metrics.jsonl rewound to a restored checkpoint."""
 
 import json
 import os
@@ -19,30 +20,42 @@ def check_writable(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir} is not writable: {e}") from e
 
 
-def drop_metrics_after(workdir: str, step: int) -> None:
-    """Remove rows past `step` from metrics.jsonl: a run restored at `step` logs them again.
+def metrics_size(workdir: str) -> int:
+    """The length of metrics.jsonl now (rows are written whole: line-buffered, one write each)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.getsize(path) if os.path.exists(path) else 0
 
-    A killed run logs steps beyond its last checkpoint; without this, a resumed run's
-    metrics.jsonl would hold those steps twice. The file is replaced atomically.
+
+def rewind_metrics(workdir: str, size: int | None, step: int) -> None:
+    """Cut metrics.jsonl back to what it held when the checkpoint being restored was saved.
+
+    A killed run logs beyond its last checkpoint (steps, evals, the final eval of a finished
+    run); the resumed run logs them again, so without this they would appear twice.
+    `size` is the file length stored in the checkpoint; checkpoints without it drop the rows
+    past `step` instead. The file is replaced atomically.
     """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by a kill mid-write: not a row
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if kept != lines:
+    with open(path, "rb") as f:
+        data = f.read()
+    if size is not None:
+        kept = data[:size]
+    else:
+        lines = data.decode().splitlines(keepends=True)
+        kept = "".join(line for line in lines if _row_step(line) is not None and _row_step(line) <= step).encode()
+    if kept != data:
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
+        with open(tmp, "wb") as f:
+            f.write(kept)
         os.replace(tmp, path)
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+    except ValueError:  # a line cut short by a kill mid-write: not a row
+        return None
 
 
 def _alive(pid: int) -> bool:

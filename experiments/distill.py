@@ -10,8 +10,14 @@ results.json / results.md (teacher, scratch and distilled test accuracy). The
 distilled student's step mixes the hard-label cross-entropy with the T^2-scaled KL to the
 teacher's temperature-softened outputs (`jaxml.losses.distillation`). The teacher's
 variables, read from its checkpoint by `jaxml.transfer`, sit in `state.extra`: saved and
-restored with the run, never in the optimizer, never updated. See the README table for the
-measured figures.
+restored with the run, never in the optimizer, never updated.
+
+Measured (digits, 297 test images; 2 shared CPU cores): ResNet-20 teacher 97.31 % (269,434
+params, 150 steps of 64); CNN student (8,714 params, 300 steps of 64) from scratch 86.87 %;
+distilled with T=4, alpha=0.9 (the defaults) 84.85 %, with T=2, alpha=0.5 87.21 %
+(`--config.teacher.workdir=<that teacher> --config.teacher.temperature=2 --config.teacher.alpha=0.5`).
+Distillation does not clearly win here: the differences are 1-6 test images, within
+seed noise. 193 CPU-s for all three runs (teacher included), 53 CPU-s reusing a teacher.
 """
 
 import copy

@@ -3,6 +3,9 @@
     python -m experiments.gpt                                        # offline stdlib text, a few minutes on 2 CPU cores
     python -m experiments.gpt --config=experiments/gpt.py:shakespeare  # nanoGPT's char model (needs tiny_shakespeare prepared)
     python -m experiments.gpt --config.parallel.mesh.data=2 --config.parallel.mesh.fsdp=4   # FSDP: a config change
+    python -m experiments.gpt --config.init_from=gpt2/model.safetensors --config.lora.rank=8 ...
+        # fine-tune Hugging Face GPT-2 weights with LoRA; the model keys must match the checkpoint
+        # (jaxml.models.gpt2.model_kwargs: vocab 50257, norm_epsilon 1e-5, mlp_dim 4x, max_len <= 1024)
 
 Expected (default: 4 layers, width 128, context 64, batch 32, 1000 steps, 2 shared CPU cores):
 validation loss well below the unigram baseline of the corpus (about 3.05 nats/byte on

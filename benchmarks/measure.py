@@ -53,11 +53,12 @@ def device_peak(dtype: str) -> tuple[float, str]:
     return gpt.measured_peak_flops(), "measured float32 1024x1024 matmul on this CPU"
 
 
-def compile_timed(jitted, *args) -> tuple[object, float]:
-    """(compiled executable, seconds to lower and compile) of a jitted function for `args`."""
-    t = time.perf_counter()
+def compile_timed(jitted, *args) -> tuple[object, float, float]:
+    """(compiled executable, wall seconds, CPU seconds of this process) to lower and compile a
+    jitted function for `args`. The CPU seconds hardly move with the load of a shared machine."""
+    t, cpu = time.perf_counter(), time.process_time()
     compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t
+    return compiled, time.perf_counter() - t, time.process_time() - cpu
 
 
 def flops_of(compiled_or_lowered) -> float:
@@ -85,14 +86,19 @@ def memory_of(compiled) -> dict:
 def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int], repeats: int) -> dict:
     """Median seconds per step of each contender, timing their windows in turn `repeats` times.
 
-    `windows[name](n)` runs n steps and returns only when they are done."""
+    `windows[name](n)` runs n steps and returns only when they are done. `cpu_s` is the median
+    CPU time of this process per step (all its threads): the work a step costs, which moves far
+    less than the wall time when other jobs take the cores."""
     times = {name: [] for name in windows}
+    cpu = {name: [] for name in windows}
     for _ in range(repeats):
         for name, window in windows.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             window(steps[name])
             times[name].append((time.perf_counter() - t) / steps[name])
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "windows": len(ts)}
+            cpu[name].append((time.process_time() - c) / steps[name])
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "windows": len(ts),
+                   "cpu_s": statistics.median(cpu[name])}
             for name, ts in times.items()}
 
 

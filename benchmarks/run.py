@@ -49,6 +49,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help="families timed against a bare jitted Flax step (classifiers and LMs)")
     ap.add_argument("--pipeline", default="cnn,gpt", help="families whose real grain pipeline is timed")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--scaling", default="batch,seq_len,width,depth", help="which scaling sweeps to run")
     ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
@@ -118,6 +119,7 @@ def main(argv=None) -> dict:
                            name in bare_set and w.kind in ("classifier", "lm"))
         out["families"].append(row)
         print(_family_line(row), flush=True)
+        write(out, args.out)  # after each family too: a crash later keeps what was measured
     for name in _names(args.pipeline, families.FAMILIES):
         if name in only and name in ("cnn", "gpt"):
             row = bench_pipeline(families.workload(name, args.device, args.quick, dtype), args)
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
                   f"{row['cached_steps_per_s']:.1f} on a cached batch: ratio {row['ratio']:.3f}", flush=True)
     if not args.no_scaling:
         out["scaling"] = scaling.run(args.quick, max(2, args.windows - 2), args.window_s,
-                                     log=lambda s: print(s, flush=True))
+                                     log=lambda s: print(s, flush=True), sweeps=args.scaling.split(","))
     out["machine"]["load_avg_end"] = _load()
     write(out, args.out)
     print(markdown(out))
@@ -156,16 +158,16 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     key = jax.random.key(0)
     state = placement.init(key, w.batch)
     batch = placement.place_batch(w.batch)
-    compiled, compile_s = measure.compile_timed(placement.train_step, state, batch, key)
+    compiled, compile_s, compile_cpu_s = measure.compile_timed(placement.train_step, state, batch, key)
     flops, flops_source = w.flops() if w.flops is not None else (measure.flops_of(compiled), "XLA cost analysis")
     params = sum(x.size for x in jax.tree.leaves(state.params))
     row = {"family": w.name, "size": w.size, "dtype": w.dtype, "unit": w.unit, "batch": batch_size,
-           "params": int(params), "compile_s": compile_s, "flops_per_step": flops, "flops_source": flops_source,
+           "params": int(params), "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "flops_per_step": flops, "flops_source": flops_source,
            "memory": measure.memory_of(compiled)}
     windows = {"jaxml": _jax_window(compiled, state, batch, key)}
     if bare:
         bare_state, bare_step = families.bare_step(w.kind, families.model_of(w), w.config, w.batch)
-        bare_compiled, row["bare_compile_s"] = measure.compile_timed(bare_step, bare_state, batch, key)
+        bare_compiled, row["bare_compile_s"], _ = measure.compile_timed(bare_step, bare_state, batch, key)
         windows["bare"] = _jax_window(bare_compiled, bare_state, batch, key)
     notes = []
     if torch_twins is not None:
@@ -185,6 +187,7 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     step_s = timed["jaxml"]["median_s"]
     row.update({
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * timed["jaxml"]["min_s"], "step_ms_max": 1e3 * timed["jaxml"]["max_s"],
+        "cpu_ms": 1e3 * timed["jaxml"]["cpu_s"],
         "throughput": w.items_per_step / step_s, "flops_per_s": flops / step_s, "mfu": flops / step_s / peak,
         "steps_per_window": steps, "notes": notes,
     })
@@ -192,6 +195,8 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
         if label in timed:
             row[f"{label}_ms"] = 1e3 * timed[label]["median_s"]
             row[f"jaxml_over_{label}"] = step_s / timed[label]["median_s"]
+            row[f"{label}_cpu_ms"] = 1e3 * timed[label]["cpu_s"]
+            row[f"jaxml_over_{label}_cpu"] = timed["jaxml"]["cpu_s"] / timed[label]["cpu_s"]
     return row
 
 
@@ -235,7 +240,7 @@ def bench_pipeline(w, args) -> dict:
     key = jax.random.key(0)
     state = placement.init(key, example)
     cached = placement.place_batch(example)
-    compiled, _ = measure.compile_timed(placement.train_step, state, cached, key)
+    compiled, _, _ = measure.compile_timed(placement.train_step, state, cached, key)
     batches = data.DeviceBatches(iterator, placement.place_batch)
     holder = [state]  # one state, donated step to step, whichever window runs
 
@@ -255,6 +260,7 @@ def bench_pipeline(w, args) -> dict:
            "pipeline_steps_per_s": 1 / timed["pipeline"]["median_s"],
            "cached_steps_per_s": 1 / timed["cached"]["median_s"]}
     row["ratio"] = row["pipeline_steps_per_s"] / row["cached_steps_per_s"]
+    row["ratio_cpu"] = timed["cached"]["cpu_s"] / timed["pipeline"]["cpu_s"]  # the same, in CPU time per step
     if w.name == "cnn" and not args.quick:
         row["loop_steps_per_s"] = _whole_loop(w, n)
     return row
@@ -272,6 +278,7 @@ def _whole_loop(w, steps_per_window: int) -> float:
     c = w.config.copy_and_resolve_references()
     c.train.log_every = steps_per_window
     c.train.steps = 6 * steps_per_window
+    c.optim.warmup_steps = min(c.optim.warmup_steps, c.train.steps // 2)  # the schedule must fit the short run
     c.train.eval_every = 0
     c.checkpoint.every_steps = c.train.steps
     c.log.progress = False
@@ -290,7 +297,8 @@ def _family_line(r: dict) -> str:
          f"{r['throughput']:9.0f} {r['unit']}/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU {r['mfu']:6.1%}")
     for label in ("bare", "torch", "torch.compile"):
         if f"{label}_ms" in r:
-            s += f"  {label} {r[f'{label}_ms']:.2f} ms (x{r[f'jaxml_over_{label}']:.2f})"
+            s += (f"  {label} {r[f'{label}_ms']:.2f} ms (x{r[f'jaxml_over_{label}']:.2f}; "
+                  f"CPU time x{r[f'jaxml_over_{label}_cpu']:.2f})")
     return s + "".join(f"  [{n}]" for n in r["notes"])
 
 
@@ -308,8 +316,9 @@ def markdown(out: dict) -> str:
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",
              "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "
-             "| bare Flax ms | engine/bare | PyTorch eager ms | jaxml/eager | torch.compile ms | jaxml/compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bare Flax ms | engine/bare | PyTorch eager ms | jaxml/eager | torch.compile ms | jaxml/compiled "
+             "| CPU ms/step: jaxml / bare / eager / compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["families"]:
         mem = r["memory"]["peak_bytes"]
         lines.append(
@@ -318,24 +327,28 @@ def markdown(out: dict) -> str:
             f"{r['mfu']:.1%} | {_f(mem and mem / 2**20, '.1f')} | {_f(r.get('bare_ms'), '.2f')} | "
             f"{_f(r.get('jaxml_over_bare'), '.3f')} | {_f(r.get('torch_ms'), '.2f')} | "
             f"{_f(r.get('jaxml_over_torch'), '.2f')} | {_f(r.get('torch.compile_ms'), '.2f')} | "
-            f"{_f(r.get('jaxml_over_torch.compile'), '.2f')} |")
+            f"{_f(r.get('jaxml_over_torch.compile'), '.2f')} | "
+            f"{' / '.join(_f(r.get(k), '.1f') or '-' for k in ('cpu_ms', 'bare_cpu_ms', 'torch_cpu_ms', 'torch.compile_cpu_ms'))} |")
     notes = [f"{r['family']}: {n}" for r in out["families"] for n in r["notes"]]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     if out["pipeline"]:
-        lines += ["", "| input pipeline | dataset | batch | grain steps/s | cached-batch steps/s | ratio | whole loop steps/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| input pipeline | dataset | batch | grain steps/s | cached-batch steps/s | ratio "
+                  "| ratio in CPU time | whole loop steps/s |", "|---|---|---|---|---|---|---|---|"]
         for p in out["pipeline"]:
             lines.append(f"| {p['family']} | {p['dataset']} | {p['batch']} | {p['pipeline_steps_per_s']:.1f} | "
-                         f"{p['cached_steps_per_s']:.1f} | {p['ratio']:.3f} | {_f(p.get('loop_steps_per_s'), '.1f')} |")
+                         f"{p['cached_steps_per_s']:.1f} | {p['ratio']:.3f} | {_f(p.get('ratio_cpu'), '.3f')} | "
+                         f"{_f(p.get('loop_steps_per_s'), '.1f')} |")
     sc = out["scaling"]
     if sc:
-        lines += ["", "| scaling | point | compile s | ms/step | GFLOP/step | GFLOP/s |", "|---|---|---|---|---|---|"]
+        lines += ["", "| scaling | point | compile s (wall) | compile s (CPU) | ms/step | GFLOP/step | GFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
         for sweep, key, extra in (("batch", "batch", None), ("seq_len", "seq_len", "attention"),
                                   ("width", "width", None), ("depth", "depth", "layers")):
             for r in sc[sweep]:
                 point = f"{key} {r[key]}" + (f", {r[extra]}" if extra else "")
-                lines.append(f"| {r['model']} | {point} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
+                lines.append(f"| {r['model']} | {point} | {r['compile_s']:.1f} | {_f(r.get('compile_cpu_s'), '.1f')} | "
+                             f"{r['step_ms']:.2f} | "
                              f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} |")
     lines += ["", (f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}. "
                    if m.get("load_avg_end") else "") +

@@ -31,7 +31,7 @@ def _time_step(experiment, config, batch, windows: int, target_s: float, flops=N
     key = jax.random.key(0)
     state = jax.jit(functools.partial(experiment.init, config))(key, batch)
     step = jax.jit(functools.partial(experiment.train_step, config), donate_argnums=(0,))
-    compiled, compile_s = measure.compile_timed(step, state, batch, key)
+    compiled, compile_s, compile_cpu_s = measure.compile_timed(step, state, batch, key)
     holder = [state]
 
     def window(n):
@@ -50,7 +50,7 @@ def _time_step(experiment, config, batch, windows: int, target_s: float, flops=N
         times.append((time.perf_counter() - t) / n)
     step_s = statistics.median(times)
     flops = measure.flops_of(compiled) if flops is None else flops
-    return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "gflops_per_step": flops / 1e9,
+    return {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "step_ms": 1e3 * step_s, "gflops_per_step": flops / 1e9,
             "gflops_per_s": flops / step_s / 1e9}
 
 
@@ -73,9 +73,12 @@ def _gpt_point(c, windows, target_s):
     return _time_step(gpt, c, batch, windows, target_s, flops=gpt.flops_per_step(c, batch))
 
 
-def run(quick: bool, windows: int, target_s: float, log=print) -> dict:
-    """All four sweeps: {sweep: [row, ...]}."""
-    pick = lambda name: SIZES[name][1 if quick else 0]
+def run(quick: bool, windows: int, target_s: float, log=print, sweeps=tuple(SIZES)) -> dict:
+    """The chosen sweeps (default all four): {sweep: [row, ...]}; the others stay empty."""
+    unknown = set(sweeps) - set(SIZES)
+    if unknown:
+        raise ValueError(f"unknown scaling sweeps {sorted(unknown)}; expected some of {list(SIZES)}")
+    pick = lambda name: SIZES[name][1 if quick else 0] if name in sweeps else ()
     out = {"batch": [], "seq_len": [], "width": [], "depth": []}
     rng = np.random.default_rng(0)
     for b in pick("batch"):
@@ -110,6 +113,9 @@ def run(quick: bool, windows: int, target_s: float, log=print) -> dict:
 
 
 def _panel(ax, rows, x: str, y: str, group: str | None = None, yscale: str = "log", **labels) -> None:
+    if not rows:  # a sweep that was not run
+        ax.set(title=labels.get("title", ""))
+        return
     for kind in sorted({r[group] for r in rows}) if group else [None]:
         chosen = [r for r in rows if group is None or r[group] == kind]
         ax.plot([r[x] for r in chosen], [r[y] for r in chosen], "o-", label=kind)
@@ -124,12 +130,12 @@ def plot(path: str, curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))  # an empty sweep leaves its panel empty
     _panel(axes[0], curves["batch"], "batch", "step_ms", ylabel="ms / step", title="CNN: step time vs batch")
     _panel(axes[1], curves["seq_len"], "seq_len", "step_ms", "attention", ylabel="ms / step",
            title="GPT 2L w128, batch 8: einsum vs fused attention")
     _panel(axes[2], curves["width"], "width", "step_ms", ylabel="ms / step", title="GPT 2L, batch 8 x 64: vs width")
-    _panel(axes[3], curves["depth"], "depth", "compile_s", "layers", yscale="linear", ylabel="compile s",
+    _panel(axes[3], curves["depth"], "depth", "compile_cpu_s", "layers", yscale="linear", ylabel="compile CPU s",
            title="GPT w128: compile time vs depth")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -42,3 +42,15 @@ def test_missing_conditioning_fails_loudly():
 def test_timestep_embedding_distinguishes_levels():
     e = unet.timestep_embedding(jnp.arange(4), 16)
     assert e.shape == (4, 16) and np.linalg.matrix_rank(np.asarray(e)) == 4
+
+
+def test_untrained_unet_predicts_exactly_zero():
+    # experiments/diffusion.py samples "the untrained model" as a zero prediction: this is why that is exact.
+    m = unet.Tiny(num_classes=10, channel_mults=(1,), attention_resolutions=())
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t, y = jnp.array([0, 7]), jnp.array([3, 10])
+    # An rbg key: the default (partitionable threefry) init compiles ~3x slower on CPU; any
+    # random init must give the zero output.
+    variables = jax.jit(m.init)(jax.random.key(1, impl="rbg"), x, t, y)
+    assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(variables))  # not all-zero params
+    assert not np.any(np.asarray(jax.jit(m.apply)(variables, x, t, y)))

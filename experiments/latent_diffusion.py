@@ -10,6 +10,11 @@ train the U-Net on the frozen encoder's latents. The stages have separate Adam s
 drifts on stale momentum while the other trains. The conditioning sequence is the class
 name ("zero" ... "nine") as character tokens, embedded by the denoiser; the all-padding
 sequence is "no condition" for classifier-free guidance.
+Measured (digits, 600 autoencoder + 1500 U-Net steps, batch 64): 5.8 min wall / 165 s
+user+sys CPU on 2 CPU cores shared with ~20 other jobs (expect ~1.5 min idle); guided DDIM
+samples (25 steps, w = 2) classified as the named digit 100% of the time by a digits CNN,
+classifier-feature Fréchet distance 37 vs 353 for uniform noise and 2.9 for the autoencoder's
+own reconstructions of the test images (test MSE 0.0029), the floor the decoder allows.
 Writes samples.png (DDIM, guided, one row per class) and sample_quality.json.
 """
 
@@ -26,7 +31,7 @@ import numpy as np
 import optax
 
 from jaxml import config as config_lib
-from jaxml import data, diffusion, plots, sample_quality
+from jaxml import diffusion, plots, sample_quality
 from jaxml.models import autoencoder, unet
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
@@ -51,26 +56,26 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         ae_features=(32,),  # one stride-2 stage: 8x8 -> 4x4
         latent_channels=4,
         channels=32,
-        channel_mults=(1, 2),
-        attention_resolutions=(4, 2),
+        channel_mults=(1,),  # the 4x4 latent grid is small enough for one resolution
+        attention_resolutions=(4,),  # self- and cross-attention to the class name in every block
         num_heads=4,
         groups=8,
         token_dim=32,
     ))
     c.diffusion = ml_collections.ConfigDict(dict(num_steps=200, schedule="linear", p_uncond=0.1, guidance=2.0,
-                                                 ddim_steps=50))
+                                                 ddim_steps=25))
     c.quality = ml_collections.ConfigDict(dict(samples_per_class=20, classifier_steps=400))
-    c.ae_steps = 1000
+    c.ae_steps = 600  # reconstruction MSE ~0.002 by then: the latents stop moving
     c.optim.lr = 1e-3
     c.optim.clip_norm = 1.0
-    c.train.steps = 2500
+    c.train.steps = 2100  # 600 autoencoder + 1500 U-Net steps
     c.train.eval_every = 0
     c.checkpoint.every_steps = 500
     c.data.batch_size = 64
     if preset is None or preset == "":
         return c
     if preset == "tiny":
-        c.model.update(ae_features=(8,), channels=8, num_heads=2, groups=4, token_dim=8, attention_resolutions=(2,))
+        c.model.update(ae_features=(8,), channels=8, num_heads=2, groups=4, token_dim=8)
         c.diffusion.update(num_steps=10, schedule="cosine", ddim_steps=4)
         c.quality.update(samples_per_class=1, classifier_steps=3)
         c.ae_steps = 3
@@ -176,7 +181,12 @@ def train_step(config, state: TrainState, batch, rng):
         return state.replace(step=state.step + 1, params=new_params, extra={"unet_opt_state": opt}), loss
 
     in_ae = state.step < config.ae_steps
-    state, loss = jax.lax.cond(in_ae, ae_phase, unet_phase, state)
+    # Both phases run and the stage's result is selected: under jit on CPU, lax.cond made the
+    # U-Net step ~4x slower (510 vs 120 ms), far more than the autoencoder phase costs (~10 ms).
+    ae_state, ae_loss_value = ae_phase(state)
+    unet_state, unet_loss = unet_phase(state)
+    state = jax.tree.map(lambda a, b: jnp.where(in_ae, a, b), ae_state, unet_state)
+    loss = jnp.where(in_ae, ae_loss_value, unet_loss)
     return state, {"loss": loss, "ae_stage": in_ae.astype(jnp.float32)}
 
 
@@ -210,18 +220,16 @@ def report(config, state, workdir, eval_sums) -> None:
                      .reshape((-1,) + images.shape[1:]), min(n, 10),
                      title=f"latent DDIM samples, guidance w={config.diffusion.guidance}",
                      row_labels=list(CLASS_NAMES))
-    dc = config.data
-    train = data.load_source(dc.name, dc.train_split, dc.data_dir, cache=True)
-    test = data.load_source(dc.name, dc.eval_split, dc.data_dir, cache=True)
-    classifier = sample_quality.train_classifier(train.arrays["image"] / 255.0, train.arrays["label"],
-                                                 steps=config.quality.classifier_steps, seed=config.seed)
-    reference = test.arrays["image"] / 255.0
+    classifier, reference, _, _ = sample_quality.classifier_and_reference(
+        config.data, lambda images: np.asarray(images) / 255.0, config.quality.classifier_steps, config.seed)
     ae_recon = np.asarray(jax.jit(lambda p, x: decode(config, p, encode(config, p, x)))(state.params["ae"], reference))
     noise = np.random.default_rng(config.seed).uniform(size=images.shape)
+    fd = lambda x: sample_quality.classifier_frechet_distance(classifier, reference, x)
     results = {
         "accuracy_guided": sample_quality.conditional_accuracy(classifier, images, labels),
-        "frechet_guided": sample_quality.classifier_frechet_distance(classifier, reference, images),
-        "frechet_noise": sample_quality.classifier_frechet_distance(classifier, reference, noise),
+        "frechet_guided": fd(images),
+        "frechet_noise": fd(noise),
+        "frechet_autoencoder_reconstructions": fd(ae_recon),  # the floor the decoder allows
         "autoencoder_test_mse": float(np.mean((ae_recon - reference) ** 2)),
     }
     with open(os.path.join(workdir, "sample_quality.json"), "w") as f:

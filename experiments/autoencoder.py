@@ -6,8 +6,9 @@
 The training split's first 80% trains (normal classes only: the others are masked out of the
 loss in the step); its last 20% is the validation data on which the anomaly threshold is
 chosen (best F1); the test split is scored. Expected (digits, 0-4 normal, 5-9 anomalous,
-3000 steps, ~1 minute on 2 shared CPU cores): test ROC AUC >= 0.9 (BASELINES.md's prototype:
-0.98). Writes anomaly.json and reconstructions.png into the workdir.
+3000 steps, 13 s user+sys CPU, 11 s wall on 2 CPU cores with a warm compilation cache):
+test ROC AUC 0.988 (>= 0.9; BASELINES.md's prototype: 0.98), precision 0.94 / recall 0.95 at
+the validation threshold. Writes anomaly.json and reconstructions.png into the workdir.
 """
 
 import json

@@ -311,7 +311,7 @@ def markdown(out: dict) -> str:
     peaks = m.get("peaks_measured") or [m["peak_flops"]]
     lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
-             f"{f', highest of {len(peaks)} concurrent runs' if len(peaks) > 1 else ''}), "
+             f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
              f"jax {m['jax']}, Python {m['python']}; {m['torch']}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",

@@ -26,7 +26,13 @@ def tiny(experiment):
     return config
 
 
-@pytest.mark.parametrize("experiment", list(PICTURES), ids=lambda m: m.__name__.split(".")[-1])
+# The two U-Net experiments spend ~1 min (2-core CPU) compiling: init (partitionable threefry
+# makes it ~3x slower to compile), train and eval steps, and their DDPM/DDIM sampling scans.
+SLOW = (diffusion, latent_diffusion)
+
+
+@pytest.mark.parametrize("experiment", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in PICTURES],
+                         ids=lambda m: m.__name__.split(".")[-1])
 def test_runs_writes_pictures_and_resumes_identically(tmp_path, experiment):
     full = loop.train(experiment, tiny(experiment), str(tmp_path / "full"))  # checkpoints at 3 and 6
     for name in PICTURES[experiment]:

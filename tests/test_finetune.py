@@ -2,9 +2,12 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import finetune
+from jaxml import transfer
 
 
 def test_class_subset_draws_shots_per_class_and_renumbers():
@@ -24,10 +27,28 @@ def test_finetune_tiny_prints_the_four_way_table(tmp_path):
     m = config.model
     flat = 4 * 4 * m.features[-1]  # one 2x pool of the 8x8 digits
     head = m.dense * 5 + 5
-    assert methods["linear_probe"]["trainable_params"] == head
+    assert methods["linear_probe"]["trainable_params"] == methods["random_probe"]["trainable_params"] == head
     assert methods["lora"]["trainable_params"] == head + config.lora.rank * (flat + m.dense)
     assert methods["finetune"]["trainable_params"] == methods["scratch"]["trainable_params"] == summary["model_params"]
     for r in methods.values():
         assert 0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracies"]) == config.seeds
     assert json.loads((tmp_path / "results.json").read_text())["methods"].keys() == methods.keys()
     assert "| linear_probe |" in (tmp_path / "results.md").read_text()
+
+
+def test_transfer_methods_start_from_the_pretrained_backbone_and_the_controls_do_not():
+    config = finetune.get_config("tiny")
+    source = finetune.model(config, len(config.source_classes))
+    pretrained = transfer.flatten(finetune._init(source, jax.random.key(1), jnp.zeros((1, 8, 8, 1))))
+    for method in finetune.METHODS:
+        params, _, _ = finetune.method_setup(config, method, pretrained, jax.random.key(2))
+        flat = transfer.flatten(params)
+        backbone = [p for p in pretrained if not p.startswith(f"params/{finetune.HEAD}/")]
+        assert backbone and all(p in flat for p in backbone)
+        same = [np.array_equal(flat[p], pretrained[p]) for p in backbone]
+        if method in ("scratch", "random_probe"):  # fresh kernels (biases start at zero either way)
+            assert not any(s for p, s in zip(backbone, same) if p.endswith("kernel")), method
+        else:
+            assert all(same), method
+        head = f"params/{finetune.HEAD}/kernel"
+        assert not np.array_equal(flat[head], pretrained[head]), method  # new classes: a fresh head

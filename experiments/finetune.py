@@ -28,7 +28,9 @@ scores 100 % on digits 0-4; about 75-80 CPU-s (user+sys) a run on 2 shared cores
   1            | 63.4 ± 4.8   | 70.8 ± 3.5  | 77.1 ± 6.1  | 82.9 ± 2.7  | 72.5 ± 4.3
 Earlier variants (same protocol, without the control): 3 labels, pretrain 200 steps, backbone
 lr x1: probe 71.5 ± 2.0, fine-tune 92.8 ± 0.3, LoRA 89.6 ± 3.5, scratch 96.1 ± 1.3; 3 labels,
-50 steps: 63.4 / 78.0 / 76.4 / 92.8.
+50 steps: 63.4 / 78.0 / 76.4 / 92.8. 1 label, lr 5e-4 for all and backbone lr x1
+(--config.optim.lr=5e-4 --config.backbone_lr_factor=1.0): probe 62.7 ± 6.5, fine-tune 77.1 ± 3.5,
+LoRA 74.3 ± 3.5, scratch 81.3 ± 3.5, random_probe 53.7 ± 13.8.
 Transfer from digits 0-4 does not beat training from scratch on these 8x8 digits, and this
 is not a loading bug: the six backbone arrays arrive bit-identical (tests check it) and the
 source model is at 100 %. The pretrained features are worse than random ones for 5-9: the

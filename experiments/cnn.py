@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxml import config as config_lib
-from jaxml import classification, data
+from jaxml import classification, data, transfer
 from jaxml.models import cnn
 from jaxml.train.state import TrainState
 
@@ -41,6 +41,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 2000  # ~85 epochs of the 1500 training digits: the test accuracy has plateaued
     c.train.eval_every = 500
     c.data.augment.crop_padding = 1  # 1-pixel shifts; digits must not be flipped
+    transfer.add_config(c)  # --config.init_from=<workdir> (+ init_reinit for a new head)
     if preset is None or preset == "":
         return c
     if preset == "tiny":  # seconds on CPU, for tests

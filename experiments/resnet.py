@@ -27,7 +27,7 @@ import ml_collections
 
 from jaxml import classification
 from jaxml import config as config_lib
-from jaxml import data
+from jaxml import data, transfer
 from jaxml.models import resnet
 from jaxml.train.state import TrainState
 
@@ -58,6 +58,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # only at the end: an eval pass costs ~5 steps of CPU time here
     c.checkpoint.every_steps = 50
     c.data.augment.crop_padding = 4  # in 32x32 pixels: one pixel of the 8x8 digit
+    transfer.add_config(c)  # --config.init_from=<workdir> (+ init_reinit for a new head)
     if preset is None or preset == "":
         return c
     if preset == "tiny":  # seconds on CPU, for tests

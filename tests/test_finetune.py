@@ -2,12 +2,15 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import finetune
+from experiments import cnn, finetune
 from jaxml import transfer
+from jaxml.train import loop
+from tests.test_engine import tiny_config
 
 
 def test_class_subset_draws_shots_per_class_and_renumbers():
@@ -52,3 +55,18 @@ def test_transfer_methods_start_from_the_pretrained_backbone_and_the_controls_do
             assert all(same), method
         head = f"params/{finetune.HEAD}/kernel"
         assert not np.array_equal(flat[head], pretrained[head]), method  # new classes: a fresh head
+
+
+def test_cnn_experiment_starts_from_another_runs_checkpoint_by_config(tmp_path):
+    """experiments.cnn --config.init_from: the backbone of a 10-class run, a fresh 5-class head."""
+    first = loop.train(cnn, tiny_config(**{"train.steps": 3}), str(tmp_path / "a"))
+    config = cnn.get_config("tiny")
+    config.model.num_classes = 5
+    config.init_from, config.init_reinit = str(tmp_path / "a"), ("Dense_1",)
+    batch = {"image": jnp.zeros((2, 8, 8, 1), jnp.uint8)}
+    params, source = nn.unbox(cnn.init(config, jax.random.key(3), batch).params), nn.unbox(first.state.params)
+    jax.tree.map(np.testing.assert_array_equal, params["Conv_0"], source["Conv_0"])
+    assert params["Dense_1"]["kernel"].shape[-1] == 5
+    config.init_from = ""
+    fresh = nn.unbox(cnn.init(config, jax.random.key(3), batch).params)
+    assert not np.array_equal(fresh["Conv_0"]["kernel"], source["Conv_0"]["kernel"])

@@ -48,6 +48,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--bare", default="cnn,resnet20,vit,lstm,gpt",
                     help="families timed against a bare jitted Flax step (classifiers and LMs)")
     ap.add_argument("--pipeline", default="cnn,gpt", help="families whose real grain pipeline is timed")
+    ap.add_argument("--no-sampling", action="store_true",
+                    help="skip the U-Net sampling timing (DDPM 1000 levels vs DDIM 50 steps, per image)")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling", default="batch,seq_len,width,depth", help="which scaling sweeps to run")
     ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
@@ -126,6 +128,11 @@ def main(argv=None) -> dict:
             out["pipeline"].append(row)
             print(f"  pipeline {name}: {row['pipeline_steps_per_s']:.1f} steps/s with grain vs "
                   f"{row['cached_steps_per_s']:.1f} on a cached batch: ratio {row['ratio']:.3f}", flush=True)
+    if "unet" in only and not args.no_sampling:
+        out["sampling"] = bench_sampling(args)
+        for r in out["sampling"]:
+            print(f"  sample {r['method']} ({r['levels']} levels, guided): {r['ms_per_image']:.2f} ms/image "
+                  f"at batch {r['batch']} (compile {r['compile_s']:.1f} s)", flush=True)
     if not args.no_scaling:
         out["scaling"] = scaling.run(args.quick, max(2, args.windows - 2), args.window_s,
                                      log=lambda s: print(s, flush=True), sweeps=args.scaling.split(","))
@@ -292,6 +299,49 @@ def _whole_loop(w, steps_per_window: int) -> float:
 # ---- output ----------------------------------------------------------------------------
 
 
+def bench_sampling(args) -> list[dict]:
+    """Per-image sampling time of experiments.diffusion's U-Net: DDPM over all levels vs DDIM's few steps.
+
+    Guided (two U-Net passes per level), as the experiment's report samples; the params are
+    an initialised model's (time does not depend on the weights). --quick: the tiny U-Net
+    with 50 levels vs 10 DDIM steps.
+    """
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import diffusion as exp
+
+    config = exp.get_config("tiny" if args.quick else None)
+    config.unlock()
+    config.diffusion.num_steps = 50 if args.quick else 1000  # DDPM's classic chain, against DDIM's 50
+    config.diffusion.ddim_steps = 10 if args.quick else 50
+    batch_size = 8 if args.quick else 64
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (batch_size, 8, 8, 1), dtype=np.uint8),
+             "label": rng.integers(0, 10, (batch_size,)), "mask": np.ones((batch_size,), np.float32)}
+    state = jax.jit(functools.partial(exp.init, config))(jax.random.key(0), batch)
+    labels = jnp.asarray(batch["label"], jnp.int32)
+    rows = []
+    for method, levels in (("ddim", config.diffusion.ddim_steps), ("ddpm", config.diffusion.num_steps)):
+        sampler = functools.partial(exp.sample, config, method=method, guidance=2.0)
+        t = time.perf_counter()
+        jax.block_until_ready(sampler(state.ema_params, jax.random.key(0), labels))
+        compile_s = time.perf_counter() - t
+        wall, cpu = [], []
+        for i in range(1 if args.quick else 3):
+            t, c = time.perf_counter(), time.process_time()
+            jax.block_until_ready(sampler(state.ema_params, jax.random.key(i + 1), labels))
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        rows.append({"method": method.upper(), "levels": levels, "batch": batch_size, "compile_s": compile_s,
+                     "ms_per_image": statistics.median(wall) / batch_size * 1e3,
+                     "cpu_ms_per_image": statistics.median(cpu) / batch_size * 1e3})
+    return rows
+
+
 def _family_line(r: dict) -> str:
     s = (f"{r['family']:9} compile {r['compile_s']:6.1f} s  {r['step_ms']:8.2f} ms/step  "
          f"{r['throughput']:9.0f} {r['unit']}/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU {r['mfu']:6.1%}")
@@ -339,6 +389,12 @@ def markdown(out: dict) -> str:
             lines.append(f"| {p['family']} | {p['dataset']} | {p['batch']} | {p['pipeline_steps_per_s']:.1f} | "
                          f"{p['cached_steps_per_s']:.1f} | {p['ratio']:.3f} | {_f(p.get('ratio_cpu'), '.3f')} | "
                          f"{_f(p.get('loop_steps_per_s'), '.1f')} |")
+    if out.get("sampling"):
+        lines += ["", "| U-Net sampling (guided) | levels | batch | compile s | ms/image | CPU ms/image |",
+                  "|---|---|---|---|---|---|"]
+        for r in out["sampling"]:
+            lines.append(f"| {r['method']} | {r['levels']} | {r['batch']} | {r['compile_s']:.1f} | "
+                         f"{r['ms_per_image']:.2f} | {r['cpu_ms_per_image']:.2f} |")
     sc = out["scaling"]
     if sc:
         lines += ["", "| scaling | point | compile s (wall) | compile s (CPU) | ms/step | GFLOP/step | GFLOP/s |",

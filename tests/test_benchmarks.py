@@ -55,3 +55,16 @@ def test_torch_twin_has_jaxmls_parameter_count(name):
     # nn.LSTM keeps two bias vectors per layer (input and recurrent) where jaxml's cell has one.
     extra = 4 * w.config.model.hidden * w.config.model.num_layers if name == "lstm" else 0
     assert torch_params == jax_params + extra
+
+
+def test_quick_sampling_timing_ddpm_vs_ddim():
+    import argparse
+
+    rows = run.bench_sampling(argparse.Namespace(quick=True))
+    ddim, ddpm = rows
+    assert (ddim["method"], ddpm["method"]) == ("DDIM", "DDPM") and ddpm["levels"] > ddim["levels"]
+    assert all(r["ms_per_image"] > 0 and r["cpu_ms_per_image"] >= 0 and r["compile_s"] > 0 for r in rows)
+    out = {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu_count": 2, "load_avg_start": None, "jax": "x",
+                       "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
+           "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None, "sampling": rows}
+    assert "| DDPM | 50 |" in run.markdown(out)

@@ -5,9 +5,15 @@ FID proper uses Inception-v3 features; its weights cannot be downloaded here (an
 knows nothing about 8x8 digits), so the feature network is jaxml's own CNN
 (`jaxml.models.cnn`, as `experiments/cnn.py` builds it) trained on the same dataset —
 quickly, by `train_classifier`. Numbers are comparable only for the same classifier.
+
+Where pytorch-fid's weights file is at hand (`pt_inception-2015-12-05-6726825d.pth`, or a
+.safetensors/.npz conversion of it), `inception_features(path)` (or the JAXML_INCEPTION_WEIGHTS
+environment variable) gives FID's own feature space, `jaxml.models.inception` (checked against
+pytorch-fid by tests/test_inception.py): `frechet_distance(f(a), f(b))` is then Inception-FID.
 """
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -105,6 +111,30 @@ def _sqrt_psd(m: np.ndarray) -> np.ndarray:
     """The symmetric square root of a symmetric positive semi-definite matrix."""
     w, v = np.linalg.eigh(m)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def inception_features(weights_path: str | None = None,
+                       batch_size: int = 50) -> Callable[[np.ndarray], np.ndarray]:
+    """images in [0, 1], (N, H, W, 1 or 3) -> (N, 2048) FID Inception pool3 features, from pytorch-fid's
+    weights at `weights_path` or $JAXML_INCEPTION_WEIGHTS; grayscale is repeated to RGB."""
+    from jaxml.models import inception
+
+    path = weights_path or os.environ.get("JAXML_INCEPTION_WEIGHTS")
+    if not path:
+        raise ValueError("Inception-FID needs pytorch-fid's weights file (pt_inception-2015-12-05-6726825d.pth): "
+                         "pass its path or set JAXML_INCEPTION_WEIGHTS; without it use classifier_frechet_distance")
+    variables = inception.load_variables(path)
+    apply = jax.jit(inception.FIDInceptionV3().apply)  # variables as an argument, not 24M baked-in constants
+
+    def features(images_NxHxWxC) -> np.ndarray:
+        images = np.asarray(images_NxHxWxC, np.float32)
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"expected (N, H, W, 1 or 3) images in [0, 1], got shape {images.shape}")
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        return np.concatenate([np.asarray(apply(variables, images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)] or [np.zeros((0, inception.FEATURES))])
+    return features
 
 
 def classifier_frechet_distance(classifier: Classifier, images_a, images_b) -> float:

@@ -103,13 +103,21 @@ def test_features_match_pytorch_fid(fid_nets, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_pth_and_npz_load_alike(fid_nets, tmp_path):
+def test_pth_npz_and_safetensors_load_alike(fid_nets, tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
     net, _ = fid_nets
+    arrays = {k: v.numpy() for k, v in net.state_dict().items()}
     torch.save(net.state_dict(), tmp_path / "w.pth")
-    np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in net.state_dict().items()})
-    a, b = inception.load_variables(str(tmp_path / "w.pth")), inception.load_variables(str(tmp_path / "w.npz"))
-    same = jax.tree_util.tree_map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and jax.tree_util.tree_all(same)
+    np.savez(tmp_path / "w.npz", **arrays)
+    safetensors_numpy.save_file(arrays, str(tmp_path / "w.safetensors"))
+    a = inception.load_variables(str(tmp_path / "w.pth"))
+    for other in ("w.npz", "w.safetensors"):
+        b = inception.load_variables(str(tmp_path / other))
+        same = jax.tree_util.tree_map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+        assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and jax.tree_util.tree_all(same)
+    (tmp_path / "w.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected a .pth"):
+        inception.load_state_dict(str(tmp_path / "w.ckpt"))
     kernel = a["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"]
     np.testing.assert_array_equal(kernel, net.Mixed_6b.branch7x7_2.conv.weight.numpy().transpose(2, 3, 1, 0))
     assert kernel.shape == (1, 7, 128, 128)

@@ -103,9 +103,16 @@ def kill_once(name: str, workdir: str, mode: str, rng: random.Random, expected_s
                 break
             time.sleep(0.005)
     else:  # the first checkpoint write seen after a random number of saves skipped
-        skip, seen, was = rng.randrange(3), 0, False
+        # Never more skips than the run has saves left after the checkpoint it resumes from
+        # (a random kill late in the run leaves only the final save).
+        cfg, last = SETTINGS[name], (steps[-1] if steps else 0)
+        left = sum(1 for k in range(last + 1, cfg["steps"] + 1) if k % cfg["every"] == 0 or k == cfg["steps"])
+        # Orbax names a write's temporary directory after its step alone, so a killed write's
+        # leftover has the name the rerun's write of that step will have: a write is new once
+        # the leftovers are gone (the run removes them at start) and a temporary directory is back.
+        skip, seen, was = rng.randrange(max(1, min(3, left))), 0, bool(before)
         while p.poll() is None and time.monotonic() - t0 < 3 * expected_s:
-            now = bool(set(_tmp_dirs(workdir)) - before)
+            now = bool(_tmp_dirs(workdir))
             if now and not was:
                 if seen == skip:
                     break
@@ -119,7 +126,8 @@ def kill_once(name: str, workdir: str, mode: str, rng: random.Random, expected_s
     after = time.monotonic() - t0
     if not landed and p.returncode != 0:
         raise AssertionError(f"{name} failed on its own (exit {p.returncode}):\n{output(workdir)}")
-    return Kill(mode, after, landed, landed and bool(set(_tmp_dirs(workdir)) - before))
+    # A save-mode kill landed on a write it saw begin; a random one, if a write other than the leftovers was open.
+    return Kill(mode, after, landed, landed and (mode == "save" or bool(set(_tmp_dirs(workdir)) - before)))
 
 
 def _max_logged_step(workdir: str) -> int:

@@ -65,7 +65,7 @@ def test_rope_scores_depend_on_relative_position_only():
 
 def test_bad_mask_shape_and_decode_without_causal_fail_loudly():
     x = jnp.ones((2, 4, 8))
-    with pytest.raises(ValueError, match="expected shape"):
+    with pytest.raises(ValueError, match=r"expects \(batch=2, length=4, source=4\) boolean mask, got shape \(2, 4, 5\)"):
         attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, None, jnp.ones((2, 4, 5), bool))
     with pytest.raises(ValueError, match="causal=True"):
         attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, decode=True)

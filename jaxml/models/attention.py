@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from jaxml.models import _checks
+
 _NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked row gives uniform weights, not NaN
 
 
@@ -81,9 +83,15 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x_BxLxD: Float[Array, "B L D"], context_BxSxC: Float[Array, "B S C"] | None = None,
                  mask_BxLxS: Bool[Array, "B L S"] | None = None, *, train: bool = False,
                  decode: bool = False) -> Float[Array, "B L D"]:
+        _checks.expect(self, x_BxLxD, "(batch, length, features)", "float", "queries")
         batch, length, features = x_BxLxD.shape
+        if context_BxSxC is not None:
+            _checks.expect(self, context_BxSxC, "(batch, source, features)", "float", "context", {"batch": batch})
         self_attention = context_BxSxC is None
         context_BxSxC = x_BxLxD if self_attention else context_BxSxC
+        if mask_BxLxS is not None:
+            _checks.expect(self, mask_BxLxS, "(batch, length, source)", "bool", "mask",
+                           {"batch": batch, "length": length, "source": context_BxSxC.shape[1]})
         heads = self.num_heads
         kv_heads = self.num_kv_heads or heads
         head_dim = self.head_dim or features // heads
@@ -93,9 +101,6 @@ class MultiHeadAttention(nn.Module):
         if decode and self_attention and not self.causal:
             raise ValueError("decode=True needs causal=True: a KV cache only makes sense for causal "
                              "self-attention (cross-attention ignores decode and recomputes its keys)")
-        if mask_BxLxS is not None and mask_BxLxS.shape != (batch, length, context_BxSxC.shape[1]):
-            raise ValueError(f"mask_BxLxS: expected shape {(batch, length, context_BxSxC.shape[1])}, "
-                             f"got {mask_BxLxS.shape}")
 
         def project(name, n, inputs):
             # No key bias: it adds q.b to every logit of a row, which softmax cancels, so its gradient

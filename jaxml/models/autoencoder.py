@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from jaxml.models import _checks
+
 
 class MLPEncoder(nn.Module):
     """Flatten, dense-relu hidden layers, linear to `out_features`."""
@@ -23,6 +25,7 @@ class MLPEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"]) -> Float[Array, "B Z"]:
+        _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         h = einops.rearrange(x_BxHxWxC, "b h w c -> b (h w c)")
         for width in self.hidden:
             h = nn.relu(nn.Dense(width)(h))
@@ -37,6 +40,7 @@ class MLPDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, z_BxZ: Float[Array, "B Z"]) -> Float[Array, "B H W C"]:
+        _checks.expect(self, z_BxZ, "(batch, latent)", "float", "latents")
         h = z_BxZ
         for width in self.hidden:
             h = nn.relu(nn.Dense(width)(h))
@@ -55,6 +59,7 @@ class ConvEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"]):
+        _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         h = x_BxHxWxC
         for width in self.features:
             h = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2))(h))
@@ -78,6 +83,9 @@ class ConvDecoder(nn.Module):
         if height % factor or width % factor:
             raise ValueError(f"ConvDecoder with {len(self.features)} stages needs H, W divisible by {factor}, "
                              f"got {self.image_shape}")
+        # A spatial latent is a grid of H / 2^stages x W / 2^stages; a flat one a vector.
+        _checks.expect(self, z, "(batch, height, width, channels)" if self.spatial else "(batch, latent)", "float",
+                       "latents")
         if self.spatial:
             h = z
         else:

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
 from jaxml.train import parallel
 
 
@@ -27,9 +28,8 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B *spatial C"], train: bool) -> Float[Array, "B K"]:
-        if x.ndim not in (3, 4):
-            raise ValueError(f"CNN expects (batch, height, width, channels) images or (batch, time, "
-                             f"channels) signals, got shape {x.shape}")
+        _checks.expect(self, x, ("(batch, height, width, channels)", "(batch, time, channels)"), "float",
+                       "images or signals")
         rank = x.ndim - 2
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):

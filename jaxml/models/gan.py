@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
 from jaxml.train import parallel
 
 
@@ -21,6 +22,7 @@ class Generator(nn.Module):
 
     @nn.compact
     def __call__(self, z_BxZ: Float[Array, "B Z"], train: bool) -> Float[Array, "B H W C"]:
+        _checks.expect(self, z_BxZ, "(batch, latent)", "float", "latents")
         height, width, channels = self.image_shape
         factor = 2 ** len(self.features)
         if height % factor or width % factor:
@@ -48,6 +50,7 @@ class Discriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"]) -> Float[Array, "B"]:
+        _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         h = x_BxHxWxC
         for width in self.features:
             h = nn.leaky_relu(nn.Conv(width, (4, 4), strides=(2, 2))(h), 0.2)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
+
 FEATURES = 2048  # pool3: the global average of Mixed_7c, FID's feature space
 INPUT_SIZE = 299
 
@@ -135,8 +137,7 @@ class FIDInceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B H W 3"]) -> Float[Array, "B 2048"]:
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected (B, H, W, 3) images in [0, 1], got shape {x.shape}")
+        _checks.expect(self, x, "(batch, height, width, channels)", "float", "RGB images in [0, 1]", {"channels": 3})
         x = x.astype(jnp.float32)
         if self.resize_input:
             # torch's F.interpolate(bilinear, align_corners=False) does not antialias when shrinking.

@@ -9,14 +9,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
+
 # Zero init: the loss of a linear model is convex, so there is no symmetry to break, and
 # zeros make the starting point (and every run) independent of the init seed.
 _ZEROS = nn.initializers.zeros_init()
-
-
-def _check_features(x: jnp.ndarray, name: str) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"{name} expects (batch, features), got shape {x.shape}")
 
 
 class LinearRegression(nn.Module):
@@ -26,7 +23,7 @@ class LinearRegression(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B T"]:
-        _check_features(x_BxD, "LinearRegression")
+        _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
         return nn.Dense(self.num_targets, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
             x_BxD.astype(jnp.float32))
 
@@ -36,7 +33,7 @@ class LogisticRegression(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B"]:
-        _check_features(x_BxD, "LogisticRegression")
+        _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
         logit_Bx1 = nn.Dense(1, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
             x_BxD.astype(jnp.float32))
         return logit_Bx1[:, 0]
@@ -49,6 +46,6 @@ class SoftmaxRegression(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B K"]:
-        _check_features(x_BxD, "SoftmaxRegression")
+        _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
         return nn.Dense(self.num_classes, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", "classes")))(
             x_BxD.astype(jnp.float32))

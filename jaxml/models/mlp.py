@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
 from jaxml.train import parallel
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
@@ -53,8 +54,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"], train: bool) -> Float[Array, "B K"]:
-        if x_BxD.ndim != 2:
-            raise ValueError(f"MLP expects (batch, features), got shape {x_BxD.shape}; flatten images first")
+        _checks.expect(self, x_BxD, "(batch, features)", "real", "features (flatten images first)")
         if self.norm not in NORMS:
             raise ValueError(f"MLP: unknown norm {self.norm!r}; expected one of {NORMS}")
         act, kernel_init = activation(self.activation), initializer(self.init_scheme)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxml.models import _checks
 from jaxml.train import parallel
 
 # He init with fan_out, as the paper (and torchvision) initialise convolutions.
@@ -114,8 +115,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], train: bool) -> Float[Array, "B K"]:
-        if x_BxHxWxC.ndim != 4:
-            raise ValueError(f"ResNet expects (batch, height, width, channels) images, got shape {x_BxHxWxC.shape}")
+        _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         x = x_BxHxWxC.astype(self.dtype)
         if self.stem == "imagenet":
             x = nn.relu(_norm(train, self.dtype)(_conv(self.width, 7, 2, self.dtype)(x)))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxml.models import _checks
+
 
 class LSTMCell(nn.RNNCellBase):
     """i, f, g, o = split(x W_x + h W_h + b); c' = f c + i g; h' = o tanh(c')."""
@@ -103,6 +105,9 @@ class RNNStack(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxC: Float[Array, "B T C"], lengths_B: Int[Array, "B"] | None = None, *,
                  train: bool = False) -> Float[Array, "B T F"]:
+        _checks.expect(self, x_BxTxC, "(batch, time, features)", "float", "inputs")
+        if lengths_B is not None:
+            _checks.expect(self, lengths_B, "(batch,)", "int", "lengths", {"batch": x_BxTxC.shape[0]})
         for i in range(self.num_layers):
             forward = nn.RNN(make_cell(self.cell, self.hidden, self.dtype), name=f"forward_{i}")
             if self.bidirectional:
@@ -129,6 +134,7 @@ class CharRNNLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: Int[Array, "B T"], *, train: bool = False) -> Float[Array, "B T V"]:
+        _checks.expect(self, tokens_BxT, "(batch, time)", "int", "tokens")
         x_BxTxE = nn.Embed(self.vocab_size, self.embed)(tokens_BxT)
         h_BxTxH = RNNStack(self.cell, self.hidden, self.num_layers, False, self.dropout, self.dtype)(x_BxTxE, train=train)
         h_BxTxH = nn.Dropout(self.dropout, deterministic=not train)(h_BxTxH)
@@ -151,15 +157,15 @@ class RNNClassifier(nn.Module):
     @nn.compact
     def __call__(self, inputs, lengths_B: Int[Array, "B"] | None = None, *, train: bool = False) -> Float[Array, "B K"]:
         if self.vocab_size is not None:
-            if inputs.ndim != 2:
-                raise ValueError(f"RNNClassifier(vocab_size={self.vocab_size}) expects tokens (B, T), got {inputs.shape}")
+            _checks.expect(self, inputs, "(batch, time)", "int", f"tokens (vocab_size={self.vocab_size})")
             x_BxTxC = nn.Embed(self.vocab_size, self.embed)(inputs)
         else:
-            if inputs.ndim != 3:
-                raise ValueError(f"RNNClassifier without vocab_size expects signals (B, T, C), got {inputs.shape}")
+            _checks.expect(self, inputs, "(batch, time, channels)", "float", "signals (vocab_size=None)")
             x_BxTxC = inputs.astype(jnp.float32)
         batch, steps = x_BxTxC.shape[:2]
-        lengths_B = jnp.full((batch,), steps, jnp.int32) if lengths_B is None else lengths_B
+        if lengths_B is None:
+            lengths_B = jnp.full((batch,), steps, jnp.int32)
+        _checks.expect(self, lengths_B, "(batch,)", "int", "lengths", {"batch": batch})
         h_BxTxF = RNNStack(self.cell, self.hidden, self.num_layers, self.bidirectional, self.dropout,
                            self.dtype)(x_BxTxC, lengths_B, train=train)
         valid_BxT = (jnp.arange(steps)[None] < lengths_B[:, None]).astype(jnp.float32)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxml.models import transformer
+from jaxml.models import _checks, transformer
 
 
 class ViT(nn.Module):
@@ -32,6 +32,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images_BxHxWxC: Float[Array, "B H W C"], *, train: bool = False) -> Float[Array, "B K"]:
+        _checks.expect(self, images_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         _, height, width, _ = images_BxHxWxC.shape
         p = self.patch_size
         if height % p or width % p:

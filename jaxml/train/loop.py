@@ -87,13 +87,40 @@ def _host(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(placement, state, source, batch_size: int, prefix: str, summarize=None) -> tuple[dict, dict]:
+class BatchSpec:
+    """The keys, shapes and dtypes of the batches a step was compiled for (the first one seen);
+    `check` names the key of a later batch that differs, host side, before it reaches the step
+    (where it would silently recompile, or fail deep inside XLA)."""
+
+    def __init__(self, what: str, reference=None):
+        self.what, self.spec = what, None if reference is None else self._of(reference)
+
+    @staticmethod
+    def _of(batch) -> dict:
+        leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+        return {jax.tree_util.keystr(k): f"shape {tuple(np.shape(v))} {np.result_type(v).name}" for k, v in leaves}
+
+    def check(self, batch):
+        got = self._of(batch)
+        if self.spec is None:
+            self.spec = got
+        elif got != self.spec:
+            diff = [f"{k}: expected {self.spec.get(k, 'no such key')}, got {got.get(k, 'no such key')}"
+                    for k in sorted(set(got) | set(self.spec)) if got.get(k) != self.spec.get(k)]
+            raise ValueError(f"a {self.what} batch differs from the ones the step was compiled for (the "
+                             f"first {self.what} batch): " + "; ".join(diff))
+        return batch
+
+
+def evaluate(placement, state, source, batch_size: int, prefix: str, summarize=None,
+             spec: BatchSpec | None = None) -> tuple[dict, dict]:
     """One pass over `source`: (`<prefix>/<name>` means and `summarize(sums)`, the raw summed arrays)."""
     sums = None
+    spec = spec or BatchSpec("eval")  # eval batches are padded to one shape, the train batch's or not
     for local in data_lib.eval_batches(source, global_batch_size=batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        out = placement.eval_step(state, placement.place_batch(local))
+        out = placement.eval_step(state, placement.place_batch(spec.check(local)))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = {k: np.asarray(v) for k, v in jax.device_get(sums).items()}
     count = float(sums["count"])
@@ -135,6 +162,7 @@ def _train(experiment, config, workdir, devices) -> Result:
                                            num_workers=dc.num_workers, **shard))
     example = next(iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
                                                **shard)))
+    train_spec, eval_spec = BatchSpec("train", example), BatchSpec("eval")  # batches the steps compile for
 
     train_step = functools.partial(experiment.train_step, config)
     placement = parallel.setup(
@@ -210,7 +238,7 @@ def _train(experiment, config, workdir, devices) -> Result:
         if getattr(experiment, "eval_metrics", None) is not None else None
 
     def run_eval(step, source, prefix):
-        metrics, sums = evaluate(placement, state, source, dc.eval_batch_size, prefix, summarize)
+        metrics, sums = evaluate(placement, state, source, dc.eval_batch_size, prefix, summarize, eval_spec)
         writer.write(step, metrics)
         log.info(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics, sums
@@ -220,7 +248,8 @@ def _train(experiment, config, workdir, devices) -> Result:
                      meta={"early_stopping": stopping.state(), "log_window": list(window),
                            "nonfinite_skipped": list(skipped), "metrics_size": workdir_lib.metrics_size(workdir)})
 
-    batches = data_lib.DeviceBatches(iterator, placement.place_batch)  # placed a step ahead; after the restore
+    # Placed a step ahead; after the restore.
+    batches = data_lib.DeviceBatches(iterator, lambda local: placement.place_batch(train_spec.check(local)))
     try:
         with _Preemption() as preemption:
             for step in range(start, total if not stopping.stopped else start):

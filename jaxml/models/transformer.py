@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention, key_padding_mask
 
 
@@ -42,6 +43,7 @@ class TransformerBlock(nn.Module):
                  context_BxSxC: Float[Array, "B S C"] | None = None,
                  context_mask_BxLxS: Bool[Array, "B L S"] | None = None, *, train: bool = False,
                  decode: bool = False) -> Float[Array, "B L D"]:
+        _checks.expect(self, x_BxLxD, "(batch, length, features)", "float", "activations")
         if self.cross_attention != (context_BxSxC is not None):
             raise ValueError(f"TransformerBlock(cross_attention={self.cross_attention}) got context "
                              f"{None if context_BxSxC is None else context_BxSxC.shape}: a context is "
@@ -167,6 +169,7 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: Int[Array, "B L"], *, train: bool = False,
                  decode: bool = False) -> Float[Array, "B L V"]:
+        _checks.expect(self, tokens_BxL, "(batch, length)", "int", "tokens")
         x_BxLxD, embed = _Embedding(self.vocab_size, self.features, self.max_len, not self.rope, self.dtype,
                                     name="embed")(tokens_BxL, decode)
         x_BxLxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
@@ -202,6 +205,10 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxS: Int[Array, "B S"], valid_BxS: Bool[Array, "B S"] | None = None, *,
                  train: bool = False) -> Float[Array, "B S D"]:
+        _checks.expect(self, tokens_BxS, "(batch, source)", "int", "tokens")
+        if valid_BxS is not None:
+            _checks.expect(self, valid_BxS, "(batch, source)", "bool", "valid mask",
+                           {"batch": tokens_BxS.shape[0], "source": tokens_BxS.shape[1]})
         x_BxSxD, _ = _Embedding(self.vocab_size, self.features, self.max_len, not self.rope, self.dtype,
                                 name="embed")(tokens_BxS)
         x_BxSxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxSxD)
@@ -249,6 +256,12 @@ class EncoderDecoder(nn.Module):
     def decode(self, target_BxL, encoded_BxSxD, source_valid_BxS=None, *, train: bool = False,
                decode: bool = False) -> Float[Array, "B L V"]:
         """Next-token logits for the (shifted) target given the encoded source."""
+        _checks.expect(self, target_BxL, "(batch, length)", "int", "target tokens")
+        _checks.expect(self, encoded_BxSxD, "(batch, source, features)", "float", "encoded source",
+                       {"batch": target_BxL.shape[0], "features": self.features})
+        if source_valid_BxS is not None:
+            _checks.expect(self, source_valid_BxS, "(batch, source)", "bool", "source valid mask",
+                           {"batch": target_BxL.shape[0], "source": encoded_BxSxD.shape[1]})
         x_BxLxD, embed = self.target_embed(target_BxL, decode)
         x_BxLxD = self.drop(x_BxLxD, deterministic=not train)
         context_mask = None if source_valid_BxS is None else key_padding_mask(source_valid_BxS, target_BxL.shape[1])
@@ -256,6 +269,8 @@ class EncoderDecoder(nn.Module):
         return embed.attend(self.norm_final(x_BxLxD)).astype(jnp.float32)
 
     def __call__(self, source_BxS, target_BxL, source_valid_BxS=None, *, train: bool = False) -> Float[Array, "B L V"]:
+        _checks.expect(self, source_BxS, "(batch, source)", "int", "source tokens")
+        _checks.expect(self, target_BxL, "(batch, length)", "int", "target tokens", {"batch": source_BxS.shape[0]})
         return self.decode(target_BxL, self.encode(source_BxS, source_valid_BxS, train=train), source_valid_BxS,
                            train=train)
 

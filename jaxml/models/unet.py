@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention
 
 
@@ -81,7 +82,9 @@ class UNet(nn.Module):
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], t_B: Int[Array, "B"],
                  labels_B: Int[Array, "B"] | None = None, context_BxSxD: Float[Array, "B S D"] | None = None,
                  train: bool = False) -> Float[Array, "B H W C"]:
+        _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         batch, height, width, in_channels = x_BxHxWxC.shape
+        _checks.expect(self, t_B, "(batch,)", "real", "noise levels t", {"batch": batch})
         levels = len(self.channel_mults)
         if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
             raise ValueError(f"UNet with {levels} resolutions needs H and W divisible by {2 ** (levels - 1)}, "
@@ -92,8 +95,11 @@ class UNet(nn.Module):
         if (context_BxSxD is None) != (self.context_dim is None):
             raise ValueError(f"UNet(context_dim={self.context_dim}) needs a context exactly when context_dim is "
                              f"set, got context={'None' if context_BxSxD is None else context_BxSxD.shape}")
-        if context_BxSxD is not None and context_BxSxD.shape[-1] != self.context_dim:
-            raise ValueError(f"context last dim: expected {self.context_dim}, got {context_BxSxD.shape}")
+        if labels_B is not None:
+            _checks.expect(self, labels_B, "(batch,)", "int", "class labels", {"batch": batch})
+        if context_BxSxD is not None:
+            _checks.expect(self, context_BxSxD, "(batch, positions, context_dim)", "float", "context",
+                           {"batch": batch, "context_dim": self.context_dim})
         emb_dim = 4 * self.channels
         emb_BxE = timestep_embedding(t_B, self.channels)
         emb_BxE = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb_BxE)))

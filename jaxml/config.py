@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
         kfold=0,  # k >= 2: k-fold cross-validation over data.train_split (workdir/fold_<i>, kfold.json)
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
+        # None: <workdir>/checkpoints. A local path or a URL (gs://bucket/run) that every
+        # process of a multi-host run can reach: all of them write their shards there.
+        directory=ml_collections.config_dict.placeholder(str),
         every_steps=500,
         every_minutes=0.0,  # > 0: also save when this much wall time has passed since the last save
         max_to_keep=3,

@@ -134,10 +134,7 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path, capsys):
     assert_trees_close(params_of(reference), params_of(resumed), rtol=0, atol=0)
 
 
-def test_checkpoint_of_a_different_model_is_refused(tmp_path):
-    loop.train(cnn, tiny_config(**{"train.steps": 4}), str(tmp_path))
-    with pytest.raises(ValueError, match=r"(?s)does not match this model.*shape mismatch.*params/Dense_0/kernel"):
-        loop.train(cnn, tiny_config(**{"train.steps": 8, "model.dense": 16}), str(tmp_path))
+# A checkpoint of a different model: tests/test_reliability.py (skipped and kept aside, or refused when named).
 
 
 # ---- the CLI, as a user runs it -----------------------------------------------------------

@@ -183,19 +183,57 @@ def test_changed_config_with_same_shapes_is_reported(tmp_path, eight_steps, caps
     assert "was saved with another config" in out and "model.dropout: 0.1 -> 0.2" in out, out
 
 
-def test_checkpoint_with_other_dtypes_is_refused(tmp_path, eight_steps):
+def _as_bfloat16(ckpt, step):
+    """The abstract state of a model like the checkpoint's with bfloat16 floats (another config)."""
+    stored = ckpt.manager.item_metadata(step)["state"]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, jnp.bfloat16 if jnp.issubdtype(m.dtype, jnp.floating) else m.dtype), stored)
+
+
+def test_checkpoint_with_other_dtypes_is_skipped_and_kept_aside(tmp_path, eight_steps, capsys):
     run = copy_run(eight_steps, tmp_path)
     ckpt = ckpt_lib.Checkpointer(str(run), tiny_config().checkpoint)
     try:
-        stored = ckpt.manager.item_metadata(8)["state"]
-        as_bf16 = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-            m.shape, jnp.bfloat16 if jnp.issubdtype(m.dtype, jnp.floating) else m.dtype), stored)
-        with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
-                           match=r"does not match this model.*\n  dtype mismatch: .*checkpoint float32, model bfloat16"):
-            ckpt.restore_latest(as_bf16)
+        assert ckpt.restore_latest(_as_bfloat16(ckpt, 8)) is None  # neither fits: a fresh start
     finally:
         ckpt.close()
-    assert steps_in(run) == [4, 8]  # refused, not skipped or moved
+    out = capsys.readouterr().out
+    for step in (8, 4):
+        assert (f"warning: skipping checkpoint {run / 'checkpoints' / str(step)}, which does not match this model "
+                "(another model or config):\n  dtype mismatch: ") in out, out
+    assert "checkpoint float32, model bfloat16" in out and "no usable checkpoint left" in out
+    assert steps_in(run) == []
+    assert sorted(n.split("-")[0] for n in os.listdir(run / "checkpoints_incompatible")) == ["4", "8"]  # kept
+
+
+def test_named_checkpoint_with_other_dtypes_refuses_to_start(tmp_path, eight_steps):
+    run = copy_run(eight_steps, tmp_path)
+    ckpt = ckpt_lib.Checkpointer(str(run), tiny_config().checkpoint)
+    try:
+        with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                           match=r"restore_step=8: checkpoint .*checkpoints/8, which does not match this model.*\n"
+                                 r"  dtype mismatch: .*float32, model bfloat16(?s:.*)The run does not start"):
+            ckpt.restore_step(8, _as_bfloat16(ckpt, 8))
+    finally:
+        ckpt.close()
+    assert steps_in(run) == [4, 8]  # refused, nothing moved
+
+
+def test_checkpoint_of_a_different_model_is_skipped_for_a_fresh_start(tmp_path, eight_steps, capsys):
+    run = copy_run(eight_steps, tmp_path)
+    wider = tiny_config(**{"train.steps": 4, "model.dense": 16})
+    result = loop.train(cnn, wider, str(run))
+    out = capsys.readouterr().out
+    assert (f"warning: skipping checkpoint {run / 'checkpoints' / '8'}, which does not match this model "
+            "(another model or config):\n  shape mismatch: params/Dense_0/bias: checkpoint (32,), model (16,); "
+            "params/Dense_0/kernel: checkpoint (128, 32), model (128, 16)") in out, out
+    assert f"moved to {run / 'checkpoints_incompatible'}/8-" in out
+    assert len(os.listdir(run / "checkpoints_incompatible")) == 2 and steps_in(run) == [4]  # the new run's save
+    fresh = loop.train(cnn, wider, str(tmp_path / "fresh"))
+    assert_trees_close(params_of(fresh), params_of(result), rtol=0, atol=0)  # exactly a fresh start
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                       match=r"(?s)restore_step=4: .*shape mismatch.*The run does not start"):
+        loop.train(cnn, tiny_config(**{"train.steps": 8, "checkpoint.restore_step": 4}), str(run))
 
 
 def test_named_checkpoint_that_is_unreadable_refuses_to_start(tmp_path, eight_steps):
@@ -240,7 +278,7 @@ def test_data_position_of_another_process_count(tmp_path, eight_steps):
         (data / f"process_{i}-of-2.json").write_text(saved)
     assert ckpt_lib._read_data_state(str(data)) == {"next_index": 8}
     (data / "process_1-of-2.json").write_text('{"next_index": 9}')
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+    with pytest.raises(ckpt_lib.ProcessCountError,  # refused (rerun with 2 processes), never moved aside
                        match=r"saved by 2 processes with different states.*cannot be mapped onto 1"):
         ckpt_lib._read_data_state(str(data))
 

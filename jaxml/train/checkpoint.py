@@ -5,19 +5,25 @@ One step directory holds four items: `state` (the plain train state, any shardin
 what the loop keeps between steps) and `config` (the run's config as JSON). Nothing is
 pickled: arrays are tensorstore (OCDBT) files, everything else JSON.
 
+The checkpoints live in `checkpoint.directory` (default `<workdir>/checkpoints`), a local
+path or a URL such as `gs://bucket/run`: every path here is an `etils.epath.Path`, the file
+API Orbax uses itself, so the same code runs on a local disk and on cloud storage (gs://
+needs gcsfs or TensorFlow installed for epath; the arrays go through tensorstore). The
+workdir (log, lock, config.json) stays local to process 0.
+
 Restoring goes newest first; a checkpoint that cannot be read (truncated array file,
-missing metadata) is reported with its path and the reason, moved to
-`<workdir>/checkpoints_corrupt/` (kept, never deleted) and the next older one is tried.
-Half-written temporary directories of a killed save are reported and removed. A checkpoint
-whose arrays do not fit the current model is not corrupt but foreign: the run refuses to
-start rather than load part of it (or bury it under new checkpoints). When the user names
-a step (`checkpoint.restore_step`), any problem with it is an error: no fallback.
+missing metadata) is reported with its path and the reason, moved to the sibling directory
+`<directory>_corrupt/` (kept, never deleted) and the next older one is tried. A readable
+checkpoint of another model or config (its arrays' shapes or dtypes differ) is reported with
+both shapes or dtypes and moved to `<directory>_incompatible/` the same way, so it is never
+loaded in part nor buried under the new run's saves; with none left the run starts fresh.
+Half-written temporary directories of a killed save are reported and removed. When the user
+names a step (`checkpoint.restore_step`), any problem with it is an error: no fallback.
 """
 
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -26,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxml.train import log, optim
 
@@ -34,6 +41,11 @@ PyTree = Any
 
 class IncompatibleCheckpointError(ValueError):
     """A readable checkpoint whose arrays do not match the model being trained."""
+
+
+class ProcessCountError(IncompatibleCheckpointError):
+    """A good checkpoint whose data position only the saving run's process count can resume:
+    the run refuses to start (rerun with that count) rather than move the checkpoint aside."""
 
 
 class CheckpointSaveError(OSError):
@@ -75,13 +87,22 @@ def _leaves_by_path(tree) -> dict:
     return dict(zip(jax.tree.leaves(optim.param_paths(tree)), jax.tree.leaves(tree)))
 
 
+def checkpoint_directory(directory: str | None, workdir: str, name: str = "checkpoints") -> epath.Path:
+    """Where checkpoints `name` live: `<workdir>/<name>` by default; with `checkpoint.directory`
+    set, that directory for "checkpoints" and its sibling `<directory>_<name>` for others (best)."""
+    if not directory:
+        return epath.Path(os.path.abspath(workdir)) / name
+    base = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    return base if name == "checkpoints" else base.parent / f"{base.name}_{name}"
+
+
 class Checkpointer:
-    """Saves and restores a run's checkpoints under `workdir/<name>` (`best` keeps the best one)."""
+    """Saves and restores a run's checkpoints in `checkpoint_directory(cfg.directory, workdir, name)`
+    (`best` keeps the best one)."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, name: str = "checkpoints",
                  max_to_keep: int | None = -1):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, name)
+        self.directory = checkpoint_directory(cfg.get("directory"), workdir, name)
         self.failed = False
         self.save_retries = cfg.save_retries
         self.retry_wait_s = cfg.retry_wait_s
@@ -104,12 +125,8 @@ class Checkpointer:
         )
 
     def _warn_half_written(self) -> None:
-        if not os.path.isdir(self.directory):
-            return
-        for name in sorted(os.listdir(self.directory)):
-            if ".orbax-checkpoint-tmp" in name:
-                log.info(f"warning: skipping half-written checkpoint {os.path.join(self.directory, name)} "
-                         "(a save was interrupted); it will be removed")
+        for path in half_written(self.directory):
+            log.info(f"warning: skipping half-written checkpoint {path} (a save was interrupted); it will be removed")
 
     def due_by_time(self) -> bool:
         """True when checkpoint.every_minutes have passed since the last save (or the start).
@@ -166,11 +183,13 @@ class Checkpointer:
 
     def _remove_tmp(self, step: int) -> None:
         """Remove the temporary directory a failed save of `step` left (a retry starts clean)."""
-        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+        if jax.process_index() != 0:
             return
-        for name in os.listdir(self.directory):
-            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        for path in half_written(self.directory, step):
+            try:
+                path.rmtree()
+            except OSError:  # already gone, or the disk is what failed: the next save reports it
+                pass
         self.manager.reload()
 
     def restore_latest(self, abstract_state: PyTree, iterator=None, config=None) -> Restored | None:
@@ -179,13 +198,20 @@ class Checkpointer:
         Sets `iterator`'s position (when given) from the checkpoint; warns about keys where
         `config` (when given) differs from the checkpoint's. None when there is none.
         """
+        skipped = False
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self._restore(step, abstract_state, iterator, config)
-            except IncompatibleCheckpointError:
+            except ProcessCountError:
                 raise
+            except IncompatibleCheckpointError as e:  # another model's: kept aside, not loaded in part
+                self._quarantine(step, "incompatible", f"warning: skipping {e}")
             except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable
-                self._quarantine(step, self._path(step), e)
+                self._quarantine(step, "corrupt", f"warning: skipping unreadable checkpoint {self._path(step)} "
+                                                  f"({_reason(e)})")
+            skipped = True
+        if skipped:
+            log.info(f"warning: no usable checkpoint left in {self.directory}; the run starts from step 0")
         return None
 
     def restore_step(self, step: int, abstract_state: PyTree, iterator=None, config=None) -> Restored:
@@ -197,8 +223,11 @@ class Checkpointer:
                 f"{sorted(self.manager.all_steps()) or 'none'}")
         try:
             restored = self._restore(step, abstract_state, iterator, config)
-        except IncompatibleCheckpointError:
-            raise
+        except IncompatibleCheckpointError as e:
+            raise IncompatibleCheckpointError(
+                f"checkpoint.restore_step={step}: {e}The run does not start. Name another step, unset "
+                "checkpoint.restore_step to take the newest usable one, or use a new --workdir for a new model."
+            ) from e
         except Exception as e:  # noqa: BLE001 -- refuse to start, saying why
             raise CheckpointRestoreError(
                 f"checkpoint.restore_step={step}: checkpoint {path} cannot be read ({_reason(e)}); the run "
@@ -208,17 +237,16 @@ class Checkpointer:
         # taken for its progress at the next start, so they are moved aside (never deleted).
         newer = [s for s in self.manager.all_steps() if s > step]
         if newer and jax.process_index() == 0:
-            aside = os.path.join(self.workdir, "checkpoints_superseded", str(int(time.time())))
-            os.makedirs(aside, exist_ok=True)
+            aside = aside_directory(self.directory, "superseded") / str(int(time.time()))
             for s in newer:
-                shutil.move(self._path(s), os.path.join(aside, str(s)))
+                move(self._path(s), aside / str(s))
             log.info(f"restored the named step {step}: newer checkpoints {sorted(newer)} moved to {aside}. "
                      "Unset checkpoint.restore_step for later restarts, or each one returns to this step.")
         self.manager.reload()
         return restored
 
-    def _path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def _path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
     def _restore(self, step: int, abstract_state: PyTree, iterator, config) -> Restored:
         path = self._path(step)
@@ -228,7 +256,7 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         ))
-        data_state = _read_data_state(os.path.join(path, "data"))
+        data_state = _read_data_state(path / "data")
         if config is not None:
             _warn_config_changes(path, out["config"], config)
         if iterator is not None:
@@ -243,8 +271,10 @@ class Checkpointer:
             raise FileNotFoundError(f"no readable state metadata in {path}")
         want = _leaves_by_path(abstract_state)
         have = _leaves_by_path(stored)
-        missing, unused = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        both = sorted(set(want) & set(have))
+        params_first = lambda k: (not k.startswith("params/"), k)  # what the user recognises leads the list
+        missing = sorted(set(want) - set(have), key=params_first)
+        unused = sorted(set(have) - set(want), key=params_first)
+        both = sorted(set(want) & set(have), key=params_first)
         wrong = [f"{k}: checkpoint {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
                  for k in both if tuple(have[k].shape) != tuple(want[k].shape)]
         # Restoring would cast silently: float32 moments into bfloat16 lose what they hold.
@@ -252,20 +282,18 @@ class Checkpointer:
                 for k in both if np.dtype(have[k].dtype) != np.dtype(want[k].dtype)]
         if missing or unused or wrong or cast:
             raise IncompatibleCheckpointError(
-                f"checkpoint {path} does not match this model (a different model or config?).\n"
+                f"checkpoint {path}, which does not match this model (another model or config):\n"
                 + (f"  missing in checkpoint: {missing[:8]}\n" if missing else "")
                 + (f"  not in model: {unused[:8]}\n" if unused else "")
                 + ("  shape mismatch: " + "; ".join(wrong[:8]) + "\n" if wrong else "")
-                + ("  dtype mismatch: " + "; ".join(cast[:8]) + "\n" if cast else "")
-                + "Use a new --workdir, or remove that checkpoint if it is not wanted.")
+                + ("  dtype mismatch: " + "; ".join(cast[:8]) + "\n" if cast else ""))
 
-    def _quarantine(self, step: int, path: str, error: Exception) -> None:
-        reason = _reason(error)
-        dest = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
+    def _quarantine(self, step: int, why: str, report: str) -> None:
+        """Move checkpoint `step` to `<directory>_<why>/` (kept, never deleted) and log `report`."""
+        dest = aside_directory(self.directory, why) / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(path, dest)
-        log.info(f"warning: skipping unreadable checkpoint {path} ({reason}); moved to {dest}")
+            move(self._path(step), dest)
+        log.info(f"{report.rstrip()}\n  moved to {dest}")
         self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
@@ -288,7 +316,26 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def _read_data_state(directory: str) -> dict:
+def aside_directory(directory: epath.Path, why: str) -> epath.Path:
+    """`<directory>_<why>`: where checkpoints that must not be used are kept (never deleted)."""
+    return directory.parent / f"{directory.name}_{why}"
+
+
+def move(path: epath.Path, dest: epath.Path) -> None:
+    """Move a step directory (on cloud storage: every object under its prefix)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(dest)
+
+
+def half_written(directory: epath.Path, step: int | None = None) -> list[epath.Path]:
+    """Orbax's temporary directories in `directory` (of `step`, or all): saves that never finished."""
+    if not directory.is_dir():
+        return []
+    prefix = "" if step is None else f"{step}."
+    return sorted(p for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name and p.name.startswith(prefix))
+
+
+def _read_data_state(directory: epath.Path) -> dict:
     """This process's data position (grain writes `process_<i>-of-<n>.json`, plain JSON).
 
     With another process count than at save time, the position is taken over when every
@@ -296,20 +343,18 @@ def _read_data_state(directory: str) -> dict:
     what jaxml's pipeline stores for num_workers=0 (each process derives its share of
     global batch b from b). Per-worker states (num_workers > 0) cannot be remapped.
     """
+    directory = epath.Path(directory)
     index, count = jax.process_index(), jax.process_count()
-    own = os.path.join(directory, f"process_{index}-of-{count}.json")
-    if os.path.exists(own):
-        with open(own) as f:
-            return json.load(f)
-    names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json"))
+    own = directory / f"process_{index}-of-{count}.json"
+    if own.exists():
+        return json.loads(own.read_text())
+    names = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_") and p.name.endswith(".json")) \
+        if directory.is_dir() else []
     if not names:
         raise FileNotFoundError(f"no data position (process_*.json) in {directory}")
-    states = []
-    for name in names:
-        with open(os.path.join(directory, name)) as f:
-            states.append(json.load(f))
-    if any(s != states[0] for s in states):  # readable, but not for this run: refuse rather than skip it
-        raise IncompatibleCheckpointError(
+    states = [json.loads((directory / name).read_text()) for name in names]
+    if any(s != states[0] for s in states):  # good, but not for this process count: refuse rather than skip it
+        raise ProcessCountError(
             f"the data position in {directory} was saved by {len(names)} processes with different states "
             f"({names}); it cannot be mapped onto {count} process(es). Resume with the process count "
             "(and data.num_workers) of the saving run.")

@@ -39,7 +39,12 @@ def rewind_metrics(workdir: str, size: int | None, step: int) -> None:
         return
     with open(path, "rb") as f:
         data = f.read()
-    if size is not None:
+    # A size that does not end a row, or keeps rows logged after `step`, belongs to another
+    # metrics.jsonl (the checkpoint came from another workdir through a shared
+    # checkpoint.directory): go by steps instead.
+    if size is not None and size <= len(data) and all(
+            (_row_step(line) or 0) <= step for line in data[:size].decode().splitlines(keepends=True)) \
+            and data[size - 1:size] in (b"\n", b""):
         kept = data[:size]
     else:
         lines = data.decode().splitlines(keepends=True)

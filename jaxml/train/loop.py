@@ -107,8 +107,8 @@ class BatchSpec:
         elif got != self.spec:
             diff = [f"{k}: expected {self.spec.get(k, 'no such key')}, got {got.get(k, 'no such key')}"
                     for k in sorted(set(got) | set(self.spec)) if got.get(k) != self.spec.get(k)]
-            raise ValueError(f"a {self.what} batch differs from the ones the step was compiled for (the "
-                             f"first {self.what} batch): " + "; ".join(diff))
+            raise ValueError(f"this {self.what} batch differs from the first one, which the {self.what} step was "
+                             f"compiled for: " + "; ".join(diff))
         return batch
 
 

@@ -60,6 +60,8 @@ CASES = [
     ("linear-rank", linear.LinearRegression(), (S((4, 3, 1)),), {}, 0, "(batch, features) real-valued"),
     ("linear-bool", linear.LinearRegression(), (S((4, 3), bool),), {}, 0, "(batch, features) real-valued"),
     ("logistic-rank", linear.LogisticRegression(), (S((4,)),), {}, 0, "(batch, features)"),
+    ("logistic-bool", linear.LogisticRegression(), (S((4, 3), bool),), {}, 0, "(batch, features) real-valued"),
+    ("softmax-rank", linear.SoftmaxRegression(3), (S((4, 3, 2)),), {}, 0, "(batch, features)"),
     ("softmax-complex", linear.SoftmaxRegression(3), (S((4, 3), jnp.complex64),), {}, 0, "(batch, features)"),
     ("mlp-rank", mlp.Tiny(3), (S((2, 8, 8, 1)),), {"train": False}, 0, "(batch, features) real-valued"),
     ("mlp-bool", mlp.Tiny(3), (S((2, 8), bool),), {"train": False}, 0, "(batch, features) real-valued"),
@@ -91,6 +93,7 @@ CASES = [
     ("attention-mask-shape", attention.MultiHeadAttention(2), (S((2, 4, 8)), None, S((2, 4, 5), bool)), {}, 2,
      "(batch=2, length=4, source=4) boolean mask"),
     ("block-rank", transformer.TransformerBlock(2, 8), (S((4, 8)),), {}, 0, "(batch, length, features)"),
+    ("block-int", transformer.TransformerBlock(2, 8), (S((2, 4, 8), I32),), {}, 0, "(batch, length, features) float"),
     ("decoder-lm-rank", TOKENS_LM, (S((5,), I32),), {}, 0, "(batch, length) integer tokens"),
     ("decoder-lm-float", TOKENS_LM, (S((2, 5)),), {}, 0, "(batch, length) integer tokens"),
     ("gpt2-rank", transformer.DecoderLM(**gpt2.model_kwargs(GPT2_CONFIG)), (S((2, 5, 1), I32),), {}, 0,
@@ -114,6 +117,7 @@ CASES = [
     ("spatial-ae-decode-rank", autoencoder.conv_autoencoder((8, 8, 1), (4,), 2, spatial=True), (S((2, 2)),),
      {"method": "decode"}, 0, f"{IMAGE} float latents"),
     ("vae-int", autoencoder.mlp_vae((8, 8, 1), (8,), 2), (None, S((2, 8, 8, 1), I32)), {}, 1, f"{IMAGE} float"),
+    ("vae-rank", autoencoder.mlp_vae((8, 8, 1), (8,), 2), (None, S((2, 64))), {}, 1, f"{IMAGE} float"),
     ("generator-rank", gan.TinyGenerator((8, 8, 1)), (S((2, 4, 1, 1)),), {"train": False}, 0,
      "(batch, latent) float latents"),
     ("generator-int", gan.TinyGenerator((8, 8, 1)), (S((2, 4), I32),), {"train": False}, 0, "(batch, latent) float"),
@@ -129,6 +133,7 @@ CASES = [
      "(batch=2, positions, context_dim=5) float context"),
     ("unet-context-batch", unet.Tiny(context_dim=5), (S((2, 8, 8, 1)), S((2,), I32), None, S((1, 3, 5))), {}, 3,
      "(batch=2, positions, context_dim=5) float context"),
+    ("inception-rank", inception.FIDInceptionV3(), (S((32, 32, 3)),), {}, 0, "channels=3) float RGB images"),
     ("inception-gray", inception.FIDInceptionV3(), (S((2, 32, 32, 1)),), {}, 0,
      "(batch, height, width, channels=3) float RGB images"),
     ("inception-uint8", inception.FIDInceptionV3(), (S((2, 32, 32, 3), jnp.uint8),), {}, 0, "channels=3) float"),
@@ -137,7 +142,8 @@ CASES = [
 
 # Autoencoders and VAEs are pairs of public modules: the encoder or decoder that got the input names itself.
 PART = {"mlp-ae-rank": "MLPEncoder", "mlp-ae-uint8": "MLPEncoder", "conv-ae-rank": "ConvEncoder",
-        "conv-ae-decode-rank": "ConvDecoder", "spatial-ae-decode-rank": "ConvDecoder", "vae-int": "MLPEncoder"}
+        "conv-ae-decode-rank": "ConvDecoder", "spatial-ae-decode-rank": "ConvDecoder", "vae-int": "MLPEncoder",
+        "vae-rank": "MLPEncoder"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -27,7 +27,7 @@ import optax
 
 from jaxml import config as config_lib
 from jaxml import diffusion, plots, sample_quality
-from jaxml.models import unet
+from jaxml.models import remat, unet
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
@@ -45,6 +45,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         num_heads=4,
         groups=8,
         dropout=0.0,
+        dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU); params, output and loss stay float32
+        remat="none",  # residual blocks: none | full | dots_saveable | dots_with_no_batch_dims_saveable
     ))
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="linear",  # linear | cosine
@@ -55,10 +57,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         ddim_steps=25,  # for the quality figures and the DDIM grid (DDPM runs all 200 levels)
     ))
     c.quality = ml_collections.ConfigDict(dict(
-        samples_per_class=30,  # for accuracy and Fréchet distance (DDIM); the grids show 10 per class
+        samples_per_class=30,  # for accuracy and Fréchet distance (DDIM); 0 skips them (and the classifier)
         classifier_steps=400,
         grid_per_class=10,  # DDIM grid
-        ddpm_grid_per_class=4,  # DDPM runs every level: a smaller grid
+        ddpm_grid_per_class=4,  # DDPM runs every level: a smaller grid; 0 skips it
     ))
     c.optim.name = "adamw"
     c.optim.lr = 1e-3
@@ -102,7 +104,8 @@ def model(config) -> nn.Module:
     m = config.model
     return unet.UNet(channels=m.channels, channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
                      attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
-                     num_classes=m.num_classes, dropout=m.dropout, groups=m.groups)
+                     num_classes=m.num_classes, dropout=m.dropout, groups=m.groups,
+                     dtype=config_lib.dtype(m.dtype), remat=remat.check(m.remat))
 
 
 def schedule(config) -> diffusion.Schedule:
@@ -217,12 +220,16 @@ def report(config, state, workdir, eval_sums) -> None:
     rng = jax.random.key(config.seed + 1)
     w = config.diffusion.guidance
     for method, per_class in (("ddim", q.grid_per_class), ("ddpm", q.ddpm_grid_per_class)):
+        if per_class == 0:  # each sampler is its own compile: a quick look (a notebook) may skip one
+            continue
         grid_labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), per_class)
         images = to_unit(sample(config, state.ema_params, rng, grid_labels, method, w))
         steps = config.diffusion.ddim_steps if method == "ddim" else config.diffusion.num_steps
         plots.image_grid(os.path.join(workdir, f"samples_{method}.png"), images, per_class,
                          title=f"{method.upper()} ({steps} steps), guidance w={w}, step {int(state.step)}",
                          row_labels=[str(i) for i in range(k)])
+    if q.samples_per_class == 0:  # no quality figures: they train a classifier and sample twice more
+        return
     results = quality(config, state, rng)
     with open(os.path.join(workdir, "sample_quality.json"), "w") as f:
         json.dump(results, f, indent=2)

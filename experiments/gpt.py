@@ -32,7 +32,7 @@ import optax
 from jaxml import config as config_lib
 from jaxml import data, decoding, transfer
 from jaxml.data import text
-from jaxml.models import gpt2, lora, transformer
+from jaxml.models import gpt2, lora, remat, transformer
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
@@ -54,7 +54,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         attention_dropout=0.0,
         tied_embedding=True,
         scan_layers=True,  # compile one block, loop it: compile time flat in depth
-        remat=False,
+        # Per block, which activations the backward pass keeps: none | full | dots_saveable |
+        # dots_with_no_batch_dims_saveable (jaxml.models.remat); memory for recompute time.
+        remat="none",
         use_fused=False,
         rope=False,
         norm_epsilon=1e-6,  # 1e-5 for GPT-2 weights (init_from a .safetensors file)
@@ -107,6 +109,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
 def model(config) -> transformer.DecoderLM:
     m = config.model
+    remat.check(m.remat)  # an unknown policy fails here, while init is traced: before anything compiles
     return transformer.DecoderLM(
         vocab_size=m.vocab_size, num_layers=m.num_layers, features=m.features, num_heads=m.num_heads,
         mlp_dim=m.mlp_dim, max_len=m.max_len, num_kv_heads=m.num_kv_heads, dropout=m.dropout,
@@ -130,17 +133,16 @@ def _adapters(config, train: bool = False):
     return lora.adapters(config.lora, train=train) if config.lora.rank else contextlib.nullcontext()
 
 
-def _pretrained(config, params):
-    """params filled from config.init_from (a jaxml checkpoint or GPT-2 safetensors); LoRA adapters stay fresh."""
-    if not config.init_from:
-        return params
-    source = None
+def init_source(config):
+    """The flat params the loop loads for config.init_from: GPT-2 weights mapped to jaxml paths for a
+    .safetensors file (or a directory holding model.safetensors), None (a jaxml checkpoint) otherwise.
+    LoRA adapters are in neither, so they keep their fresh (B = 0) initialisation."""
     path = config.init_from
     if path.endswith(".safetensors") or os.path.exists(os.path.join(path, "model.safetensors")):
         m = config.model
-        source = transfer.flatten(gpt2.import_params(path, num_heads=m.num_heads, scan_layers=m.scan_layers,
-                                                     max_len=m.max_len))
-    return transfer.init_from_config(config, {"params": params}, source)["params"]
+        return transfer.flatten(gpt2.import_params(path, num_heads=m.num_heads, scan_layers=m.scan_layers,
+                                                   max_len=m.max_len))
+    return None
 
 
 def _split(batch):
@@ -160,7 +162,6 @@ def init(config, rng, batch) -> TrainState:
                          f"model.max_len={config.model.max_len}: raise max_len or pick a shorter window")
     with _adapters(config):
         params = model(config).init({"params": rng}, inputs_BxL)["params"]
-    params = _pretrained(config, params)
     return TrainState.create(params, optim.make_optimizer(optim_config(config), config.train.steps))
 
 

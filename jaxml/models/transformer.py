@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxml.models import remat as remat_lib
 from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention, key_padding_mask
 
@@ -85,20 +86,21 @@ class TransformerStack(nn.Module):
     num_layers: int
     block: functools.partial  # TransformerBlock with its hyperparameters bound
     scan_layers: bool = True
-    remat: bool = False  # recompute activations in the backward pass: memory for compute
+    # Activations the backward pass keeps vs recomputes, per block: a jaxml.models.remat policy
+    # name ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable") or True / False.
+    remat: bool | str = "none"
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_BxLxS=None, context_BxSxC=None, context_mask_BxLxS=None, *,
                  train: bool = False, decode: bool = False):
+        layer = remat_lib.wrap(_ScanLayer, self.remat, scanned=self.scan_layers)
         if self.scan_layers:
-            layer = nn.remat(_ScanLayer, prevent_cse=False) if self.remat else _ScanLayer
             stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxLxD, _ = stack(self.block, train, decode, name="layers")(x_BxLxD, mask_BxLxS, context_BxSxC,
                                                                          context_mask_BxLxS)
             return x_BxLxD
-        layer = nn.remat(_ScanLayer, prevent_cse=False) if self.remat else _ScanLayer
         for i in range(self.num_layers):
             x_BxLxD, _ = layer(self.block, train, decode, name=f"layer_{i}")(x_BxLxD, mask_BxLxS, context_BxSxC,
                                                                              context_mask_BxLxS)
@@ -160,7 +162,7 @@ class DecoderLM(nn.Module):
     attention_dropout: float = 0.0
     tied_embedding: bool = True
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = "none"  # a jaxml.models.remat policy for each block
     use_fused: bool = False
     rope: bool = False
     dtype: Any = jnp.float32
@@ -197,7 +199,7 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = "none"  # a jaxml.models.remat policy for each block
     use_fused: bool = False
     rope: bool = False
     dtype: Any = jnp.float32
@@ -231,7 +233,7 @@ class EncoderDecoder(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = "none"  # a jaxml.models.remat policy for each block
     use_fused: bool = False
     rope: bool = False
     dtype: Any = jnp.float32

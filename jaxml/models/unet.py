@@ -1,6 +1,8 @@
 """Diffusion U-Net: sinusoidal time embedding, GroupNorm residual blocks with time/class
 conditioning, self-attention at chosen resolutions, optional cross-attention to a
 conditioning sequence, skip connections and configurable channel multipliers.
+`dtype` is the compute dtype (bfloat16 on accelerators): parameters stay float32, the output
+is float32 for the loss; `remat` picks a jaxml.models.remat policy for the residual blocks.
 
 Attention is `jaxml.models.attention.MultiHeadAttention`, the project's one implementation.
 """
@@ -9,11 +11,15 @@ import functools
 import math
 from typing import Sequence
 
+import itertools
+from typing import Any
+
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxml.models import remat as remat_lib
 from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention
 
@@ -34,16 +40,20 @@ class ResBlock(nn.Module):
     features: int
     groups: int = 8
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxHxWxC, emb_BxE, train: bool):
-        h = nn.Conv(self.features, (3, 3))(nn.swish(nn.GroupNorm(self.groups)(x_BxHxWxC)))
-        h = h + nn.Dense(self.features)(nn.swish(emb_BxE))[:, None, None, :]
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        conv = functools.partial(nn.Conv, self.features, (3, 3), dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, self.groups, dtype=self.dtype)  # statistics in float32
+        h = conv()(nn.swish(norm()(x_BxHxWxC)))
+        h = h + nn.Dense(self.features, dtype=self.dtype)(nn.swish(emb_BxE))[:, None, None, :]
+        h = nn.swish(norm()(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-init last conv: each block starts as the identity, which trains deep U-Nets stably.
-        h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(h)
-        skip = x_BxHxWxC if x_BxHxWxC.shape[-1] == self.features else nn.Dense(self.features)(x_BxHxWxC)
+        h = conv(kernel_init=nn.initializers.zeros)(h)
+        skip = (x_BxHxWxC if x_BxHxWxC.shape[-1] == self.features
+                else nn.Dense(self.features, dtype=self.dtype)(x_BxHxWxC))
         return skip + h
 
 
@@ -52,15 +62,18 @@ class AttentionBlock(nn.Module):
 
     num_heads: int
     groups: int = 8
+    dtype: Any = jnp.float32  # compute dtype; attention logits and softmax stay float32
 
     @nn.compact
     def __call__(self, x_BxHxWxC, context_BxSxD=None):
         _, height, width, _ = x_BxHxWxC.shape
+        attention = functools.partial(MultiHeadAttention, num_heads=self.num_heads, dtype=self.dtype)
+        norm = functools.partial(nn.LayerNorm, dtype=self.dtype)
         x_BxLxC = einops.rearrange(x_BxHxWxC, "b h w c -> b (h w) c")
-        x_BxLxC = x_BxLxC + MultiHeadAttention(num_heads=self.num_heads)(nn.LayerNorm()(x_BxLxC))
+        x_BxLxC = x_BxLxC + attention()(norm()(x_BxLxC))
         if context_BxSxD is not None:
             # MultiHeadAttention projects the context's own width D to keys and values.
-            x_BxLxC = x_BxLxC + MultiHeadAttention(num_heads=self.num_heads)(nn.LayerNorm()(x_BxLxC), context_BxSxD)
+            x_BxLxC = x_BxLxC + attention()(norm()(x_BxLxC), context_BxSxD.astype(self.dtype))
         return einops.rearrange(x_BxLxC, "b (h w) c -> b h w c", h=height, w=width)
 
 
@@ -77,6 +90,8 @@ class UNet(nn.Module):
     context_dim: int | None = None
     dropout: float = 0.0
     groups: int = 8
+    dtype: Any = jnp.float32  # compute dtype; params stay float32, the output is float32
+    remat: bool | str = "none"  # a jaxml.models.remat policy for each residual block
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], t_B: Int[Array, "B"],
@@ -101,14 +116,21 @@ class UNet(nn.Module):
             _checks.expect(self, context_BxSxD, "(batch, positions, context_dim)", "float", "context",
                            {"batch": batch, "context_dim": self.context_dim})
         emb_dim = 4 * self.channels
+        dense = functools.partial(nn.Dense, emb_dim, dtype=self.dtype)
         emb_BxE = timestep_embedding(t_B, self.channels)
-        emb_BxE = nn.Dense(emb_dim)(nn.swish(nn.Dense(emb_dim)(emb_BxE)))
+        emb_BxE = dense()(nn.swish(dense()(emb_BxE)))
         if self.num_classes is not None:
-            emb_BxE = emb_BxE + nn.Embed(self.num_classes + 1, emb_dim)(labels_B)
-        res = functools.partial(ResBlock, groups=self.groups, dropout=self.dropout)
-        attn = functools.partial(AttentionBlock, num_heads=self.num_heads, groups=self.groups)
+            emb_BxE = emb_BxE + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype)(labels_B)
+        # `train` (argument 3, self counting as 0) is a Python bool: static under remat. Blocks
+        # are named as Flax names plain ResBlocks, so every remat policy has the same parameters.
+        block = remat_lib.wrap(ResBlock, self.remat, static_argnums=(3,))
+        numbers = itertools.count()
+        res = lambda features: block(features, groups=self.groups, dropout=self.dropout, dtype=self.dtype,
+                                     name=f"ResBlock_{next(numbers)}")
+        attn = functools.partial(AttentionBlock, num_heads=self.num_heads, groups=self.groups, dtype=self.dtype)
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
 
-        h = nn.Conv(self.channels, (3, 3))(x_BxHxWxC)
+        h = conv(self.channels)(x_BxHxWxC.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mults):
             for _ in range(self.num_res_blocks):
@@ -117,7 +139,7 @@ class UNet(nn.Module):
                     h = attn()(h, context_BxSxD)
                 skips.append(h)
             if level < levels - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+                h = conv(h.shape[-1], strides=(2, 2))(h)
                 skips.append(h)
         h = res(h.shape[-1])(h, emb_BxE, train)
         h = attn()(h, context_BxSxD)
@@ -129,11 +151,11 @@ class UNet(nn.Module):
                     h = attn()(h, context_BxSxD)
             if level > 0:
                 b, hh, ww, c = h.shape
-                h = nn.Conv(c, (3, 3))(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))  # nearest 2x up
+                h = conv(c)(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))  # nearest 2x up
         assert not skips, len(skips)
-        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.swish(nn.GroupNorm(self.groups, dtype=self.dtype)(h))
         # Zero-init output: the untrained model predicts 0, a safe start for every target.
-        return nn.Conv(in_channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        return conv(in_channels, kernel_init=nn.initializers.zeros)(h).astype(jnp.float32)
 
 
 Tiny = functools.partial(UNet, channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(2,),

@@ -61,6 +61,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         num_heads=4,
         groups=8,
         token_dim=32,
+        dtype="float32",  # the U-Net's compute dtype ("bfloat16" on GPU/TPU); params and loss stay float32
     ))
     c.diffusion = ml_collections.ConfigDict(dict(num_steps=200, schedule="linear", p_uncond=0.1, guidance=2.0,
                                                  ddim_steps=25))
@@ -108,7 +109,8 @@ def denoiser(config) -> Denoiser:
     m = config.model
     return Denoiser(unet.UNet(channels=m.channels, channel_mults=tuple(m.channel_mults), num_res_blocks=1,
                               attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
-                              context_dim=m.token_dim, groups=m.groups), m.token_dim)
+                              context_dim=m.token_dim, groups=m.groups, dtype=config_lib.dtype(m.dtype)),
+                    m.token_dim)
 
 
 def encode(config, ae_params, x):

@@ -54,3 +54,25 @@ def test_untrained_unet_predicts_exactly_zero():
     variables = jax.jit(m.init)(jax.random.key(1, impl="rbg"), x, t, y)
     assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(variables))  # not all-zero params
     assert not np.any(np.asarray(jax.jit(m.apply)(variables, x, t, y)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t, y, context = jnp.array([0, 7]), jnp.array([3, 10]), jnp.ones((2, 3, 6))
+    # One resolution (still with the middle attention block and cross-attention): quick to compile.
+    nets = {d: unet.Tiny(num_classes=10, context_dim=6, channel_mults=(1,), attention_resolutions=(), dtype=d)
+            for d in (jnp.float32, jnp.bfloat16)}
+    shapes = jax.eval_shape(nets[jnp.bfloat16].init, jax.random.key(1), x, t, y, context)["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    # Random weights everywhere: the zero-initialised output conv would make both outputs exactly 0.
+    # (numpy's generator: jax.random per leaf would compile a kernel for every shape.)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
+    jaxpr = jax.make_jaxpr(lambda p: nets[jnp.bfloat16].apply({"params": p}, x, t, y, context))(params)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert convs and dots and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs + dots)
+    half, full = (jax.jit(nets[d].apply)({"params": params}, x, t, y, context) for d in (jnp.bfloat16, jnp.float32))
+    assert half.dtype == jnp.float32 and half.shape == x.shape and np.all(np.isfinite(half))
+    # bfloat16 keeps 8 bits of mantissa: close to the float32 output, not equal to it.
+    assert 0 < float(jnp.abs(half - full).max()) < 0.05 * float(jnp.abs(full).max())

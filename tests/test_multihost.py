@@ -1,6 +1,8 @@
 """Multi-host for real: two local processes joined by `jax.distributed.initialize` (CPU
 collectives over gloo, JAX's default for CPU in 0.10 / 0.12), 4 fake devices each, train the
-tiny CNN through the CLI, resume from their checkpoint, and match one process with 8 devices.
+tiny CNN (dropout, random crops and flips on) through the CLI, resume from their checkpoint,
+and match one process with 8 devices. Plus, in process: the per-process input shards are
+the rows of the global batch each process's devices hold.
 """
 
 import json
@@ -14,18 +16,55 @@ import numpy as np
 import pytest
 
 from experiments import cnn
+from jaxml import data
 from jaxml.train import checkpoint as ckpt_lib
-from jaxml.train import log, loop
+from jaxml.train import log, loop, parallel
 from tests.test_engine import REPO, assert_trees_close, params_of, tiny_config
 
-# Per-example randomness (dropout masks, crop offsets) is drawn by position in the global
-# batch, and each process reads every process_count-th example of it (jaxml.data.pipeline):
-# the same examples as one process, in another order. Without per-example randomness the
-# step is order-invariant up to float summation order, so the runs must agree to tolerance.
+# Per-example randomness (dropout masks, crop offsets, flips) is drawn by row of the global
+# batch, and each process reads the rows its devices hold (jaxml.data.pipeline): the global
+# batch is row for row the one-process batch, so the random numbers are the same too and the
+# runs differ only by float summation order across processes (hence the tolerance).
 # A constant learning rate lets the first run stop at step 6 and the resumed run go on to 12
 # with the schedule of an uninterrupted 12-step run.
-OVERRIDES = {"model.dropout": 0.0, "data.augment.crop_padding": 0, "optim.schedule": "constant", "optim.warmup_steps": 0,
-             "train.eval_every": 0}
+OVERRIDES = {"model.dropout": 0.3, "data.augment.crop_padding": 1, "data.augment.flip": True,
+             "optim.schedule": "constant", "optim.warmup_steps": 0, "train.eval_every": 0}
+
+
+def _ids(n):
+    return data.ArraySource({"id": np.arange(n)})
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_blocks_placed_together_are_the_one_process_batch(process_count):
+    source, global_batch = _ids(37), 8
+    one = iter(data.train_dataset(source, global_batch_size=global_batch, seed=3))
+    shards = [iter(data.train_dataset(source, global_batch_size=global_batch, seed=3, process_index=p,
+                                      process_count=process_count)) for p in range(process_count)]
+    for b in range(12):  # several epochs
+        together = np.concatenate([next(s)["id"] for s in shards])  # process p's block is rows p*G/P...
+        np.testing.assert_array_equal(together, next(one)["id"], err_msg=f"batch {b}")
+    evals = [list(data.eval_batches(source, global_batch_size=global_batch, process_index=p,
+                                    process_count=process_count)) for p in range(process_count)]
+    for b, reference in enumerate(data.eval_batches(source, global_batch_size=global_batch)):
+        for key in ("id", "mask"):
+            np.testing.assert_array_equal(np.concatenate([e[b][key] for e in evals]), reference[key])
+
+
+def test_process_rows_follow_the_mesh():
+    mesh = parallel.make_mesh(tiny_config().parallel)
+    np.testing.assert_array_equal(parallel.process_rows(mesh, 32, "jit"), np.arange(32))
+    # A mesh that replicates the batch (all devices on `tensor`): every process feeds all rows.
+    replicated = parallel.make_mesh(tiny_config(**{"parallel.mesh.data": 1, "parallel.mesh.tensor": -1}).parallel)
+    np.testing.assert_array_equal(parallel.process_rows(replicated, 6, "jit"), np.arange(6))
+    with pytest.raises(ValueError, match=r"data.eval_batch_size=12 .* divisible by the data-parallel size 8"):
+        parallel.process_rows(mesh, 12, "jit", key="data.eval_batch_size")
+    rows = [3, 4, 5]
+    batch = next(iter(data.train_dataset(_ids(10), global_batch_size=6, seed=0, rows=rows)))
+    full = next(iter(data.train_dataset(_ids(10), global_batch_size=6, seed=0)))
+    np.testing.assert_array_equal(batch["id"], full["id"][rows])
+    with pytest.raises(ValueError, match=r"rows must be increasing positions in \[0, 6\)"):
+        data.train_dataset(_ids(10), global_batch_size=6, seed=0, rows=[4, 3])
 
 
 def _free_port() -> int:

@@ -1,8 +1,11 @@
 """Grain input pipelines: the endless, checkpointable training stream and one-pass eval batches.
 
-Both shard by striding: with P processes and a global batch of G, process p gets positions
-b*G + p, b*G + p + P, ... of global batch b, so the processes' local batches b together are
-exactly the global batch b of a one-process run with the same seed.
+Both shard by rows of the global batch: process p reads the rows of global batch b that its
+devices hold (`rows`, from `jaxml.train.parallel.process_rows`; by default the contiguous
+block [p*G/P, (p+1)*G/P) of a global batch of G), so the processes' local batches b placed
+together are exactly, row for row, the global batch b of a one-process run with the same
+seed. Per-example random numbers (dropout masks, crop offsets) are drawn by row of the
+global batch, so they too are the same with 1 or N processes.
 """
 
 import collections
@@ -24,9 +27,9 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
 def train_dataset(source: Sequence[dict[str, Any]], *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0) -> grain.IterDataset:
-    """Endless shuffled local batches (leading dim global_batch_size // process_count); iterators checkpoint."""
-    _local_batch_size(global_batch_size, process_index, process_count)  # validates the split of the batch over processes
+                  num_workers: int = 0, rows: Sequence[int] | None = None) -> grain.IterDataset:
+    """Endless shuffled local batches (`rows` of each global batch; default: this process's block); checkpointable."""
+    rows = _rows(global_batch_size, process_index, process_count, rows)
     if len(source) == 0:
         raise ValueError("train_dataset: the source is empty")
     if num_workers < 0:
@@ -34,7 +37,7 @@ def train_dataset(source: Sequence[dict[str, Any]], *, global_batch_size: int, s
     # Element b of the endless stream is this process's share of global batch b, computed
     # as index arithmetic (a fresh seeded permutation per epoch) and then gathered in one
     # go: far cheaper per batch than shuffling and batching records one at a time.
-    indices = _BatchIndices(len(source), global_batch_size, seed, process_index, process_count)
+    indices = _BatchIndices(len(source), global_batch_size, seed, rows)
     ds = grain.MapDataset.range(_ENDLESS).map(indices).map(functools.partial(_take, source))
     ds = ds.to_iter_dataset(_READ_OPTIONS)
     if num_workers > 0:
@@ -52,13 +55,12 @@ _ENDLESS = 2**62  # batches in the "endless" stream: more than any run takes
 
 
 class _BatchIndices:
-    """Maps batch number b to the source positions of process p's share of global batch b."""
+    """Maps batch number b to the source positions of `rows` of global batch b."""
 
-    def __init__(self, n: int, global_batch_size: int, seed: int, process_index: int, process_count: int):
+    def __init__(self, n: int, global_batch_size: int, seed: int, rows: np.ndarray):
         self.n, self.seed = n, seed
         self.global_batch_size = global_batch_size
-        # Striding (module docstring): the processes' shares union to the global batch.
-        self.offsets = np.arange(process_index, global_batch_size, process_count)
+        self.offsets = rows
         self._permutations: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -106,22 +108,21 @@ class DeviceBatches:
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
+                 process_count: int = 1, rows: Sequence[int] | None = None) -> Iterator[Batch]:
     """One in-order pass as local batches with a float32 `mask` (0 = zero padding); same count on every process."""
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    return _eval_pass(source, global_batch_size, local, process_index, process_count)
+    return _eval_pass(source, global_batch_size, _rows(global_batch_size, process_index, process_count, rows))
 
 
-def _eval_pass(source, global_batch_size: int, local: int, process_index: int,
-               process_count: int) -> Iterator[Batch]:
+def _eval_pass(source, global_batch_size: int, rows: np.ndarray) -> Iterator[Batch]:
     n = len(source)
     # Every process runs ceil(n / G) steps, even one with no real example left: SPMD
     # programs hang when one process skips a collective.
     num_batches = -(-n // global_batch_size)
     padding = None
+    local = len(rows)
     for b in range(num_batches):
-        positions = range(b * global_batch_size + process_index, (b + 1) * global_batch_size, process_count)
-        real_positions = [i for i in positions if i < n]
+        positions = b * global_batch_size + rows
+        real_positions = positions[positions < n]
         real = len(real_positions)  # positions increase, so the real examples come first
         batch = _take(source, real_positions)
         if real < local:
@@ -144,10 +145,19 @@ def _take(source, positions) -> Batch:
     return batch if len(positions) else {k: v[:0] for k, v in batch.items()}
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+def _rows(global_batch_size: int, process_index: int, process_count: int,
+          rows: Sequence[int] | None) -> np.ndarray:
+    """The rows of each global batch this process reads: `rows` checked, or its contiguous block."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                          f"process_count={process_count}")
-    return global_batch_size // process_count
+    if rows is None:
+        local = global_batch_size // process_count
+        return np.arange(process_index * local, (process_index + 1) * local)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or len(rows) == 0 or np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= global_batch_size:
+        raise ValueError(f"rows must be increasing positions in [0, {global_batch_size}) (the global batch), "
+                         f"got {rows.tolist()[:16]}")
+    return rows

@@ -117,9 +117,8 @@ def evaluate(placement, state, source, batch_size: int, prefix: str, summarize=N
     """One pass over `source`: (`<prefix>/<name>` means and `summarize(sums)`, the raw summed arrays)."""
     sums = None
     spec = spec or BatchSpec("eval")  # eval batches are padded to one shape, the train batch's or not
-    for local in data_lib.eval_batches(source, global_batch_size=batch_size,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+    rows = parallel.process_rows(placement.mesh, batch_size, placement.mode, key="data.eval_batch_size")
+    for local in data_lib.eval_batches(source, global_batch_size=batch_size, rows=rows):
         out = placement.eval_step(state, placement.place_batch(spec.check(local)))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = {k: np.asarray(v) for k, v in jax.device_get(sums).items()}
@@ -157,7 +156,9 @@ def _train(experiment, config, workdir, devices) -> Result:
     val_source = load(splits.validation) if has_eval and splits.validation else None
     # Periodic evals (and early stopping) look at the validation split when there is one.
     periodic_source, periodic_prefix = (val_source, "val") if val_source is not None else (test_source, "eval")
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    # Each process reads the rows of the global batch its devices hold (jaxml.data.pipeline).
+    shard = dict(rows=parallel.process_rows(parallel.make_mesh(config.parallel, devices), dc.batch_size,
+                                            config.parallel.mode))
     iterator = iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,
                                            num_workers=dc.num_workers, **shard))
     example = next(iter(data_lib.train_dataset(train_source, global_batch_size=dc.batch_size, seed=dc.seed,

@@ -66,14 +66,29 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, mode: str) -> None:
-    """Fail early, with the numbers, when the global batch does not split evenly."""
+def check_batch_size(global_batch: int, mesh: Mesh, mode: str, key: str = "data.batch_size") -> None:
+    """Fail early, with the numbers, when the global batch (config `key`) does not split evenly."""
     dp = mesh.size if mode == "pmap" else data_parallel_size(mesh)
     if global_batch % dp or global_batch % jax.process_count():
         raise ValueError(
-            f"data.batch_size={global_batch} (the global batch) must be divisible by the "
+            f"{key}={global_batch} (the global batch) must be divisible by the "
             f"data-parallel size {dp} and the process count {jax.process_count()}; "
             f"e.g. use {dp * max(1, global_batch // dp)}")
+
+
+def process_rows(mesh: Mesh, global_batch: int, mode: str, key: str = "data.batch_size") -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, increasing: what its
+    input pipeline reads, so that the placed global batch is row for row the one a single
+    process builds (and per-example random numbers, drawn by row, are the same too).
+
+    Usually the contiguous block [p*G/P, (p+1)*G/P), but a mesh built for a TPU slice's
+    topology may give a host's devices rows that are not contiguous; this follows the mesh.
+    """
+    check_batch_size(global_batch, mesh, mode, key)
+    if mode == "pmap":  # single-process: pmap's batch is split over the mesh's devices in order
+        return np.arange(global_batch)
+    held = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((global_batch,))
+    return np.unique(np.concatenate([np.arange(global_batch)[index] for index in held.values()]))
 
 
 # ---- pmap's axis, visible to step functions while they are traced ----------------------

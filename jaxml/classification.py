@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxml import losses, metrics, plots, transfer
+from jaxml import losses, metrics, plots
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
@@ -25,9 +25,7 @@ def _variables(state: TrainState, params) -> dict:
 
 def init(config: ml_collections.ConfigDict, model: nn.Module, inputs, rng) -> TrainState:
     """Params (and BatchNorm statistics, EMA) of `model` for example `inputs`, with the config's optimizer."""
-    variables = model.init({"params": rng}, inputs, train=False)
-    if config.get("init_from"):  # experiments that call transfer.add_config: start from another run
-        variables = transfer.init_from_config(config, variables)
+    variables = model.init({"params": rng}, inputs, train=False)  # config.init_from: the loop loads after
     tx = optim.make_optimizer(config.optim, config.train.steps)
     return TrainState.create(variables["params"], tx, ema_decay=config.optim.ema_decay,
                              batch_stats=variables.get("batch_stats"))

@@ -12,8 +12,12 @@ different shapes is an error naming the path and both shapes: nothing is loaded 
 Paths are '/'-joined with the collection first: `params/Conv_0/kernel`,
 `batch_stats/BatchNorm_0/mean`. Experiments expose this as `config.init_from` (a workdir,
 its `checkpoints/` directory or one step directory), `config.init_rename` and
-`config.init_reinit`; the load runs inside the experiment's `init`, so the loop's
-sharding of the state applies to the loaded values as to fresh ones.
+`config.init_reinit`; the loop (`load_state`) fills the freshly initialised, already placed
+state on the host side after `init`, each loaded array going straight into the sharding its
+fresh counterpart has: the weights never pass through a traced function (a 124M-parameter
+GPT-2 would otherwise be baked into the init program as constants). An experiment whose
+weights come from elsewhere (GPT-2 safetensors) defines `init_source(config)`, returning
+the flat 'params/a/b' -> array dict, or None for a jaxml checkpoint.
 """
 
 import dataclasses
@@ -81,10 +85,7 @@ def checkpoint_step_dir(path: str) -> str:
 @functools.lru_cache(maxsize=4)
 def _read(step_dir: str, mtime: float) -> dict:
     del mtime  # part of the cache key only: a rewritten checkpoint is read again
-    # Experiments load inside `init`, which the loop traces (eval_shape, jit): Orbax must
-    # still build concrete arrays there.
-    with jax.ensure_compile_time_eval():
-        state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
     flat = {}
     for collection in COLLECTIONS:
         if state.get(collection):
@@ -125,9 +126,19 @@ def _rename(path: str, rules) -> str:
     return path
 
 
+def _placed_like(array: np.ndarray, like):
+    """`array` in `like`'s dtype, and in its sharding when `like` is a placed jax.Array (each
+    process builds only its own shards, so this works on multi-host meshes too)."""
+    if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer):
+        host = np.asarray(array).astype(like.dtype)
+        return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
+    return jnp.asarray(array, dtype=like.dtype)
+
+
 def load_into(target, source: dict[str, np.ndarray], rename=(), reinit=(), source_name: str = "checkpoint"):
     """(`target` with every mapped path loaded from `source`, Report). `target` is a variables
-    tree ({'params': ..., 'batch_stats': ...}); flax partitioning boxes are kept."""
+    tree ({'params': ..., 'batch_stats': ...}); flax partitioning boxes are kept, and a placed
+    (sharded) target leaf gets its loaded value in the same sharding."""
     rename = tuple(tuple(r) for r in rename)
     for rule in rename:
         if len(rule) != 2 or not all(isinstance(x, str) for x in rule):
@@ -162,7 +173,7 @@ def load_into(target, source: dict[str, np.ndarray], rename=(), reinit=(), sourc
                 f"{source_name} (source path {mapped[path]}); re-initialise it with init_reinit "
                 f"(e.g. a new head) or map it elsewhere with init_rename")
         loaded.append(path)
-        new = jnp.asarray(array, dtype=value.dtype)
+        new = _placed_like(array, value)
         return leaf.replace_boxed(new) if isinstance(leaf, nn.Partitioned) else new
 
     out = jax.tree.map(fill, paths, target, is_leaf=lambda x: isinstance(x, str))
@@ -172,6 +183,20 @@ def load_into(target, source: dict[str, np.ndarray], rename=(), reinit=(), sourc
 
 
 _logged: set = set()
+
+
+def load_state(config: ml_collections.ConfigDict, state, source: dict | None = None):
+    """`state` (a fresh TrainState, placed) with params and BatchNorm statistics loaded from
+    `config.init_from`, its EMA (if any) starting at the loaded params; unchanged when
+    init_from is "" (or the config has no such key)."""
+    if not config.get("init_from"):
+        return state
+    variables = {"params": state.params}
+    if state.batch_stats is not None:
+        variables["batch_stats"] = state.batch_stats
+    loaded = init_from_config(config, variables, source)
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, loaded["params"])
+    return state.replace(params=loaded["params"], batch_stats=loaded.get("batch_stats"), ema_params=ema)
 
 
 def init_from_config(config: ml_collections.ConfigDict, variables: dict, source: dict | None = None) -> dict:

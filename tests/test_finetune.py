@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import cnn, finetune
 from jaxml import transfer
@@ -57,16 +58,20 @@ def test_transfer_methods_start_from_the_pretrained_backbone_and_the_controls_do
         assert not np.array_equal(flat[head], pretrained[head]), method  # new classes: a fresh head
 
 
+@pytest.mark.slow  # three tiny CNN runs: ~40 CPU-s
 def test_cnn_experiment_starts_from_another_runs_checkpoint_by_config(tmp_path):
-    """experiments.cnn --config.init_from: the backbone of a 10-class run, a fresh 5-class head."""
+    """experiments.cnn --config.init_from: the backbone of another run, a fresh head. The
+    loop loads after init, into the placed state: with the conv channels split over 4 devices
+    (jit) or one copy per device (pmap); the frozen backbone stays the source's bit for bit."""
     first = loop.train(cnn, tiny_config(**{"train.steps": 3}), str(tmp_path / "a"))
-    config = cnn.get_config("tiny")
-    config.model.num_classes = 5
-    config.init_from, config.init_reinit = str(tmp_path / "a"), ("Dense_1",)
-    batch = {"image": jnp.zeros((2, 8, 8, 1), jnp.uint8)}
-    params, source = nn.unbox(cnn.init(config, jax.random.key(3), batch).params), nn.unbox(first.state.params)
-    jax.tree.map(np.testing.assert_array_equal, params["Conv_0"], source["Conv_0"])
-    assert params["Dense_1"]["kernel"].shape[-1] == 5
-    config.init_from = ""
-    fresh = nn.unbox(cnn.init(config, jax.random.key(3), batch).params)
-    assert not np.array_equal(fresh["Conv_0"]["kernel"], source["Conv_0"]["kernel"])
+    source = jax.device_get(nn.unbox(first.state.params))
+    for mode, mesh in (("jit", {"parallel.mesh.data": 2, "parallel.mesh.tensor": 4}), ("pmap", {})):
+        result = loop.train(cnn, tiny_config(**{
+            "train.steps": 3, "init_from": str(tmp_path / "a"), "init_reinit": ("Dense_1",),
+            "optim.freeze": ("^Conv_",), "parallel.mode": mode, **mesh}), str(tmp_path / mode))
+        params = result.state.params
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["Conv_0"]), source["Conv_0"])
+        assert not np.array_equal(jax.device_get(params["Dense_1"]["kernel"]), source["Dense_1"]["kernel"])
+        assert not np.array_equal(jax.device_get(params["Dense_0"]["kernel"]), source["Dense_0"]["kernel"])  # trained
+        if mode == "jit":  # the loaded kernel lives where a fresh one would: output channels over the tensor axis
+            assert params["Conv_0"]["kernel"].sharding.spec[-1] == "tensor"

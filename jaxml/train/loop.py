@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxml import config as config_lib
 from jaxml import data as data_lib
-from jaxml import plots
+from jaxml import plots, transfer
 from jaxml.train import checkpoint as ckpt_lib
 from jaxml.train import log, parallel, selection
 from jaxml.train import workdir as workdir_lib
@@ -184,6 +184,9 @@ def _train(experiment, config, workdir, devices) -> Result:
     skipped: list[int] = []  # steps discarded as non-finite (train.skip_nonfinite_steps)
     if restored is None:
         state = placement.init(init_key, example)
+        if config.get("init_from"):  # weights of another run (jaxml.transfer), loaded into the placed state
+            source = experiment.init_source(config) if hasattr(experiment, "init_source") else None
+            state = placement.place_state(transfer.load_state(config, placement.plain_state(state), source))
         start = 0
     else:
         state, start, train_key = placement.place_state(restored.state), restored.step, restored.rng

@@ -50,6 +50,20 @@ def test_unfreeze_at_step_holds_the_backbone_then_trains_it():
     assert np.abs(history[4]["backbone"]["kernel"] - history[3]["backbone"]["kernel"]).max() <= 0.1 + 1e-6
 
 
+def test_unfreeze_at_step_clips_the_trainable_params_as_if_the_held_ones_were_absent():
+    """While held, the backbone's gradients (kept for its moments) do not count in the global-norm
+    clip: the head moves exactly as with a backbone frozen for good; after unfreezing, all count."""
+    common = dict(name="sgd", lr=0.1, clip_norm=0.5, freeze=("^backbone/",))
+    held, _ = _train(optim.make_optimizer(_cfg(**common, unfreeze_at_step=2), 10), _params(), 3)
+    frozen, _ = _train(optim.make_optimizer(_cfg(**common), 10), _params(), 3)
+    for t in (1, 2):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), held[t]["head"], frozen[t]["head"])
+    # Step 2 trains everything: the clip now spans the backbone too, so the head moves less.
+    head_step = lambda h: np.abs(h[3]["head"]["kernel"] - h[2]["head"]["kernel"]).max()
+    assert head_step(held) < head_step(frozen)
+    assert not np.array_equal(held[3]["backbone"]["kernel"], _params()["backbone"]["kernel"])
+
+
 def _first_update(cfg, params):
     tx = optim.make_optimizer(cfg, 10)
     updates, _ = tx.update(jax.grad(_loss)(params), tx.init(params), params)

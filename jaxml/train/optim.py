@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     # warm when they unfreeze; 0 = frozen for good, with no optimizer state.
     cfg.unfreeze_at_step = 0
     # Discriminative learning rates: ((regex, factor), ...); a param's update is multiplied
-    # by the factor of the first regex that `re.search`es its path (1.0 when none does).
+    # by the factor of the first regex that `re.search`es its path (1.0 when none does). The
+    # whole step is scaled, AdamW's decoupled weight decay included, as a PyTorch param
+    # group's lr scales its decay.
     cfg.lr_multipliers = ()
     cfg.ema_decay = 0.0  # 0 = off; read by the train state via `ema_update`, not here
     return cfg
@@ -127,6 +129,28 @@ def freeze_until(patterns, step: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def clip_by_global_norm_until(max_norm: float, patterns, step: int) -> optax.GradientTransformation:
+    """Global-norm clipping as optax's, except that for the first `step` calls the params matched
+    by `patterns` (held frozen by `freeze_until`) do not count towards the norm: while they are
+    held, the trainable params are clipped exactly as if the frozen ones were not there."""
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        frozen = jax.tree.leaves(freeze_mask(updates, patterns))
+        held = state.count < step
+        leaves = jax.tree.leaves(nn.unbox(updates))
+        squares = [jnp.where(held & f, 0.0, jnp.sum(jnp.square(u.astype(jnp.float32)))) for u, f in zip(leaves, frozen)]
+        norm = jnp.sqrt(sum(squares))
+        scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
+        updates = _map_boxed(lambda u: (u * scale).astype(u.dtype), updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def decay_mask(params):
     """Bool tree like `params`: False on biases, norm scales/offsets and any param of ndim <= 1."""
 
@@ -186,7 +210,11 @@ def make_optimizer(
         schedule = _every_kth(schedule, k)
     mask = None if cfg.decay_biases_and_norms else decay_mask  # None: decay every param
     parts = []
-    if cfg.clip_norm > 0:
+    if cfg.clip_norm > 0 and cfg.freeze and cfg.unfreeze_at_step > 0:
+        # Frozen-for-now params still get gradients (their moments stay warm); they must not
+        # shrink the trainable params' clipped steps.
+        parts.append(clip_by_global_norm_until(cfg.clip_norm, tuple(cfg.freeze), cfg.unfreeze_at_step))
+    elif cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     if cfg.weight_decay > 0 and cfg.name != "adamw":
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))

@@ -41,6 +41,17 @@ classes collapses the features onto what separates 0-4, and 8x8 digits are nearl
 separable in pixel space, so a from-scratch CNN with 1-pixel shifts generalises from a
 handful of examples while the pretrained start must first unlearn. Among the transfer
 methods LoRA trains 3.5 % of the parameters and matches or beats the full fine-tune.
+Protocol variants tried since (1 label per class, 3 seeds; scratch / full fine-tune with the
+backbone at the head's lr / conv layers transferred with a fresh dense layer), none of which
+changes the verdict:
+  as above                                              84.0 / 79.2 / 82.2  (LP-FT, 100 head-only steps first: 77.5)
+  pretrain only 100 steps                               84.0 / 80.6 / 81.0
+  pretrain with 2-pixel shifts                          84.0 / 76.4 / 83.8
+  pretrain without dropout and weight decay             83.6 / 81.2 / 80.3
+  no shifts on the target task (pretraining keeps them) 79.4 / 75.5 / 78.2
+  (3 labels per class, as above: 95.8 / 93.1 / 94.4; LP-FT 90.5)
+The `mnist` preset (28x28, ~30k source images) is the setting transfer is usually shown on;
+it needs TFDS mnist prepared (no internet here), so it has not been measured.
 """
 
 import copy
@@ -66,7 +77,8 @@ BACKBONE = r"^(Conv_\d+|Dense_0)/"
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """Defaults for the offline digits run; preset: tiny (tests)."""
+    """Defaults for the offline digits run; presets: tiny (tests), mnist (TFDS mnist, 28x28: needs it
+    prepared or internet)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.seeds = 3  # draws of the labelled subset (and inits); the table gives mean and std
@@ -92,8 +104,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(dict(features=(8,), pool_after=(0,), dense=16, dropout=0.1))
         c.pretrain.steps, c.transfer.steps = 30, 20
         c.lora.rank = 2
+    elif preset == "mnist":  # ~30k source images of 0-4 at 28x28: the setting transfer is usually shown on
+        c.dataset = "mnist"
+        c.model.pool_after = (0, 1)  # pool twice to keep the dense layer small
+        c.pretrain.update(dict(steps=1500, batch_size=128))
+        c.crop_padding = 2
     else:
-        raise ValueError(f"unknown preset {preset!r}; presets: tiny")
+        raise ValueError(f"unknown preset {preset!r}; presets: tiny, mnist")
     return c
 
 
@@ -189,10 +206,10 @@ def _init(net, rng, example, lora_cfg=None):
     return nn.unbox(net.init(rng, example, train=False)["params"])
 
 
-def method_setup(config, method: str, pretrained: dict, rng):
+def method_setup(config, method: str, pretrained: dict, rng, image_shape=(8, 8, 1)):
     """(params, optimizer config, LoRA config or None) of one way to learn the target task."""
     net = model(config, len(config.target_classes))
-    example = jnp.zeros((1,) + (8, 8, 1))
+    example = jnp.zeros((1,) + tuple(image_shape))
     lora_cfg = config.lora if method == "lora" else None
     fresh = _init(net, rng, example, lora_cfg)
     ocfg = copy.deepcopy(config.optim)
@@ -241,13 +258,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         x, y = class_subset(train, config.target_classes, config.shots, np.random.default_rng(config.seed + s))
         for method in METHODS:
             init_key, fit_key = jax.random.split(jax.random.fold_in(key, METHODS.index(method)))
-            params, ocfg, lora_cfg = method_setup(config, method, pretrained, init_key)
+            params, ocfg, lora_cfg = method_setup(config, method, pretrained, init_key, x.shape[1:])
             trained = fit(target_net, params, ocfg, config.transfer.steps, config.transfer.batch_size, x, y,
                           fit_key, crop_padding=config.crop_padding, lora_cfg=lora_cfg)
             results[method]["accuracy"].append(accuracy(target_net, trained, test_x, test_y, lora_cfg))
             results[method]["trainable"] = trainable_count(params, ocfg)
     total = int(sum(np.prod(p.shape) for p in jax.tree.leaves(_init(target_net, jax.random.key(0),
-                                                                          jnp.zeros((1, 8, 8, 1))))))
+                                                                          jnp.asarray(test_x[:1])))))
     summary = {
         "source_classes": list(config.source_classes), "target_classes": list(config.target_classes),
         "shots_per_class": config.shots, "seeds": config.seeds, "source_test_accuracy": source_acc,

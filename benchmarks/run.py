@@ -51,7 +51,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-sampling", action="store_true",
                     help="skip the U-Net sampling timing (DDPM 1000 levels vs DDIM 50 steps, per image)")
     ap.add_argument("--no-scaling", action="store_true")
-    ap.add_argument("--scaling", default="batch,seq_len,width,depth", help="which scaling sweeps to run")
+    ap.add_argument("--scaling", default="batch,seq_len,width,depth,remat",
+                    help="which scaling sweeps to run (remat: GPT step time and temporaries per remat policy)")
     ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
                   f"at batch {r['batch']} (compile {r['compile_s']:.1f} s)", flush=True)
     if not args.no_scaling:
         out["scaling"] = scaling.run(args.quick, max(2, args.windows - 2), args.window_s,
-                                     log=lambda s: print(s, flush=True), sweeps=args.scaling.split(","))
+                                     log=lambda s: print(s, flush=True), sweeps=args.scaling.split(","),
+                                     device=args.device)
     out["machine"]["load_avg_end"] = _load()
     write(out, args.out)
     print(markdown(out))
@@ -397,15 +399,15 @@ def markdown(out: dict) -> str:
                          f"{r['ms_per_image']:.2f} | {r['cpu_ms_per_image']:.2f} |")
     sc = out["scaling"]
     if sc:
-        lines += ["", "| scaling | point | compile s (wall) | compile s (CPU) | ms/step | GFLOP/step | GFLOP/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| scaling | point | compile s (wall) | compile s (CPU) | ms/step | CPU ms/step | GFLOP/step "
+                  "| GFLOP/s | temporaries MB |", "|---|---|---|---|---|---|---|---|---|"]
         for sweep, key, extra in (("batch", "batch", None), ("seq_len", "seq_len", "attention"),
-                                  ("width", "width", None), ("depth", "depth", "layers")):
-            for r in sc[sweep]:
-                point = f"{key} {r[key]}" + (f", {r[extra]}" if extra else "")
+                                  ("width", "width", None), ("depth", "depth", "layers"), ("remat", "remat", "layers")):
+            for r in sc.get(sweep) or []:
+                point = f"{key} {r[key]}" + (f", {r[extra]}" if extra and extra in r else "")
                 lines.append(f"| {r['model']} | {point} | {r['compile_s']:.1f} | {_f(r.get('compile_cpu_s'), '.1f')} | "
-                             f"{r['step_ms']:.2f} | "
-                             f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} |")
+                             f"{r['step_ms']:.2f} | {_f(r.get('cpu_ms'), '.2f')} | "
+                             f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} | {_f(r.get('temp_mb'), '.1f')} |")
     lines += ["", (f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}. "
                    if m.get("load_avg_end") else "") +
               "Ratios come from windows interleaved in one process; absolute times drift with the machine's load."]
@@ -413,8 +415,9 @@ def markdown(out: dict) -> str:
 
 
 def merge(directories: list[str]) -> dict:
-    """One result from several runs' results.json: their families, pipelines and scaling in order;
-    the machine of the first, with the load averages and commands of all."""
+    """One result from several runs' results.json: their families and pipelines in order, each
+    scaling sweep from the last run that measured it; the machine of the first, with the load
+    averages and commands of all."""
     runs = []
     for d in directories:
         with open(os.path.join(d, "results.json")) as f:
@@ -427,7 +430,10 @@ def merge(directories: list[str]) -> dict:
     for r in runs:
         out["families"] += r["families"]
         out["pipeline"] += r["pipeline"]
-        out["scaling"] = out["scaling"] or r["scaling"]
+        for sweep, rows in (r["scaling"] or {}).items():
+            if rows:
+                out["scaling"] = out["scaling"] or {}
+                out["scaling"][sweep] = rows
     return out
 
 

@@ -69,3 +69,34 @@ def test_quick_sampling_timing_ddpm_vs_ddim():
                        "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
            "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None, "sampling": rows}
     assert "| DDPM | 50 |" in run.markdown(out)
+
+
+def test_scaling_refuses_unknown_sweeps_and_devices():
+    from benchmarks import scaling
+
+    with pytest.raises(ValueError, match="unknown scaling sweeps \\['heads'\\]"):
+        scaling.run(True, 1, 0.01, sweeps=("batch", "heads"))
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'gpu', got 'tpu'"):
+        scaling.run(True, 1, 0.01, sweeps=("batch",), device="tpu")
+
+
+def test_remat_rows_trade_memory_for_recompute_and_are_plotted(tmp_path):
+    from benchmarks import scaling
+
+    layers, width, length, batch = scaling.REMAT_GPT["quick"]
+    rows = {}
+    for policy in ("none", "full"):  # the sweep's own measurement, two of its points (each compiles)
+        c = scaling._gpt_config(layers, width, length, batch, remat=policy)
+        rows[policy] = {"model": "gpt quick", "remat": policy, "layers": "scan",
+                        **scaling._time_step(scaling.gpt, c, scaling._tokens(c), 1, 0.01)}
+    # Saving only the block inputs holds fewer temporaries and recomputes the forward pass: more FLOPs.
+    assert rows["full"]["temp_mb"] < rows["none"]["temp_mb"]
+    assert rows["full"]["gflops_per_step"] > rows["none"]["gflops_per_step"]
+    assert all(r["step_ms"] > 0 and r["cpu_ms"] > 0 for r in rows.values())
+    curves = {name: [] for name in scaling.SIZES} | {"remat": list(rows.values())}
+    scaling.plot(str(tmp_path / "scaling.png"), curves)
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    out = {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu_count": 2, "load_avg_start": None, "jax": "x",
+                       "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
+           "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": curves}
+    assert "| gpt quick | remat full, scan |" in run.markdown(out)

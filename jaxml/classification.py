@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxml import losses, metrics, plots
+from jaxml import data, losses, metrics, plots
 from jaxml.train import log, optim, parallel
 from jaxml.train.state import TrainState
 
@@ -25,10 +25,24 @@ def _variables(state: TrainState, params) -> dict:
 
 def init(config: ml_collections.ConfigDict, model: nn.Module, inputs, rng) -> TrainState:
     """Params (and BatchNorm statistics, EMA) of `model` for example `inputs`, with the config's optimizer."""
+    _check_classes(config, model)
     variables = model.init({"params": rng}, inputs, train=False)  # config.init_from: the loop loads after
     tx = optim.make_optimizer(config.optim, config.train.steps)
     return TrainState.create(variables["params"], tx, ema_decay=config.optim.ema_decay,
                              batch_stats=variables.get("batch_stats"))
+
+
+def _check_classes(config, model: nn.Module) -> None:
+    """A head narrower than the dataset's labels would give NaN losses (cross-entropy of an index
+    past the logits) at the first step: refuse before compiling, saying both numbers."""
+    classes = getattr(model, "num_classes", None)
+    if classes is None or "data" not in config:
+        return
+    info = data.dataset_info(config.data.name, data_dir=config.data.get("data_dir"))
+    if info.num_classes is not None and info.num_classes > classes:
+        raise ValueError(f"model.num_classes={classes} but dataset {config.data.name!r} has {info.num_classes} "
+                         f"classes (labels 0..{info.num_classes - 1}): set model.num_classes={info.num_classes}, "
+                         f"or train on a subset whose labels are renumbered below {classes}")
 
 
 def train_step(config: ml_collections.ConfigDict, state: TrainState, model: nn.Module, inputs, labels_B,

@@ -117,3 +117,14 @@ def test_learning_rate_must_be_positive_and_finite(lr):
     else:
         with pytest.raises(ValueError, match="lr"):
             config_lib.validate(config)
+
+
+def test_classifier_head_narrower_than_the_datasets_labels_is_refused_before_training(tmp_path):
+    """model.num_classes=5 on the 10-class digits would give a NaN loss at step 1 (labels past the
+    logits): the run refuses at init, naming both numbers, and writes no checkpoint."""
+    from jaxml.train import loop
+    from tests.test_engine import tiny_config
+
+    with pytest.raises(ValueError, match=r"model.num_classes=5 but dataset 'digits' has 10 classes"):
+        loop.train(cnn_experiment, tiny_config(**{"model.num_classes": 5}), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

@@ -10,7 +10,6 @@ filesystem behind epath's gs:// backend), where, as on GCS, directories are only
 
 import json
 import os
-import shutil
 
 import pytest
 from etils import epath
@@ -20,7 +19,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from experiments import cnn
 from jaxml.train import checkpoint as ckpt_lib
-from jaxml.train import log, loop
+from jaxml.train import loop
+from jaxml.train import workdir as workdir_lib
 from tests.test_engine import assert_trees_close, params_of, tiny_config
 
 
@@ -36,23 +36,29 @@ def test_checkpoints_outside_the_workdir_train_resume_and_quarantine(tmp_path, c
     assert not (tmp_path / "work" / "checkpoints").exists()
     assert {"config.json", "metrics.jsonl"} <= set(os.listdir(tmp_path / "work"))
 
-    # Resume: another workdir (another host's local disk) finds the run through the directory.
-    shutil.rmtree(shared / "8")
-    resumed = loop.train(cnn, config, str(tmp_path / "work2"))
-    assert "restored checkpoint at step 4 from " + str(shared) in capsys.readouterr().out
-    assert_trees_close(params_of(full), params_of(resumed), rtol=0, atol=0)
-
-    # A bad checkpoint is moved to the directory's sibling `<name>_corrupt`, the older one used.
+    # Another workdir (another host's local disk) finds the run through the directory; a bad
+    # checkpoint there is moved to the directory's sibling `<name>_corrupt` and the older one used.
     os.remove(shared / "8" / "state" / "_METADATA")
-    again = loop.train(cnn, config, str(tmp_path / "work2"))
+    resumed = loop.train(cnn, config, str(tmp_path / "work2"))
     out = capsys.readouterr().out
     assert f"skipping unreadable checkpoint {shared / '8'} (" in out
+    assert "restored checkpoint at step 4 from " + str(shared) in out
     assert [n.split("-")[0] for n in os.listdir(tmp_path / "shared" / "run1_corrupt")] == ["8"]
-    assert_trees_close(params_of(full), params_of(again), rtol=0, atol=0)
-    # Step 4 was saved from the first workdir: its metrics.jsonl length does not apply to this
-    # workdir's log, which is rewound by step instead (every row once, none cut short).
-    logged = [r["step"] for r in log.read_metrics(str(tmp_path / "work2")) if "train/loss" in r]
-    assert logged == sorted(set(logged)) and logged[-1] == 8, logged
+    assert _steps(shared) == [4, 8]  # step 8 saved again by the resumed run
+    assert_trees_close(params_of(full), params_of(resumed), rtol=0, atol=0)
+
+
+def test_metrics_rewind_ignores_a_size_from_another_workdirs_log(tmp_path):
+    # This workdir logged steps 6 and 8; the checkpoint of step 4 (saved elsewhere) recorded
+    # the length of *its* log, which here ends inside no row of step <= 4: rewind by step.
+    rows = [json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (2, 6, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows))
+    workdir_lib.rewind_metrics(str(tmp_path), len(rows[0]) + len(rows[1]), 4)
+    assert (tmp_path / "metrics.jsonl").read_text() == rows[0]
+    # The run's own log: the recorded size is taken as it is.
+    (tmp_path / "metrics.jsonl").write_text("".join(rows))
+    workdir_lib.rewind_metrics(str(tmp_path), len(rows[0]) + len(rows[1]), 6)
+    assert (tmp_path / "metrics.jsonl").read_text() == rows[0] + rows[1]
 
 
 def test_directory_names():

@@ -170,9 +170,11 @@ def _remat_panel(ax, rows) -> None:
     ax.set_xticks(at, [p.replace("_with_no_batch_dims", "_no_batch").replace("_saveable", "") for p in policies])
     ax.set_ylabel("compiled temporaries, MB")
     twin.set_ylabel("CPU ms / step")
-    twin.set_ylim(bottom=0)
+    # Headroom above bars and markers for the legend.
+    ax.set_ylim(0, 1.6 * max(r["temp_mb"] or 0 for r in rows) or 1)
+    twin.set_ylim(0, 1.6 * max(r.get("cpu_ms") or r["step_ms"] for r in rows))
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.legend(handles=handles, fontsize=7, loc="upper center", ncol=2)
     ax.set_title(f"{rows[0]['model']}: remat policy")
 
 

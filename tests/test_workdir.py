@@ -37,3 +37,16 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path):
     with workdir.Lock(str(tmp_path)):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_fresh_start_keeps_the_earlier_attempts_metrics_aside(tmp_path):
+    """No usable checkpoint (none written, or all moved aside as bad): the run starts at step 0 with
+    an empty metrics.jsonl, and the earlier attempt's rows are moved aside, not deleted."""
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows))
+    workdir.rewind_metrics(str(tmp_path), 0, 0)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    [aside] = tmp_path.glob("metrics.jsonl.*.old")
+    assert aside.read_text() == "".join(rows)
+    workdir.rewind_metrics(str(tmp_path), 0, 0)  # nothing logged yet: nothing to move
+    assert list(tmp_path.glob("metrics.jsonl.*.old")) == [aside]

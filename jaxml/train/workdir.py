@@ -4,8 +4,11 @@ metrics.jsonl rewound to a restored checkpoint."""
 import json
 import os
 import socket
+import time
 
 import jax
+
+from jaxml.train import log
 
 
 def check_writable(workdir: str) -> None:
@@ -50,6 +53,11 @@ def rewind_metrics(workdir: str, size: int | None, step: int) -> None:
         lines = data.decode().splitlines(keepends=True)
         kept = "".join(line for line in lines if _row_step(line) is not None and _row_step(line) <= step).encode()
     if kept != data:
+        if not kept:  # a fresh start (no checkpoint, or every one was bad): the old rows are kept aside
+            aside = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.old"
+            os.replace(path, aside)
+            log.info(f"metrics.jsonl of the earlier attempt moved to {aside} (this run starts from step 0)")
+            return
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(kept)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxml.train import log, optim
 
@@ -68,24 +69,29 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
 def checkpoint_step_dir(path: str) -> str:
-    """The step directory `path` names: a workdir (newest of checkpoints/), a checkpoints dir, or a step dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
-        return path
-    directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+    """The step directory `path` names: a workdir (newest of checkpoints/), a checkpoints dir, or a
+    step dir; local or a URL such as gs://bucket/run/checkpoints (through etils.epath, as Orbax)."""
+    root = epath.Path(path if _is_url(path) else os.path.abspath(path))
+    if (root / "state").is_dir():
+        return str(root)
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
     if not steps:
         raise FileNotFoundError(
             f"init_from={path!r}: expected a jaxml workdir (with checkpoints/<step>/state), a checkpoints "
             f"directory or a step directory, but found no checkpoint there")
-    return os.path.join(directory, str(steps[-1]))
+    return str(directory / str(steps[-1]))
 
 
 @functools.lru_cache(maxsize=4)
 def _read(step_dir: str, mtime: float) -> dict:
     del mtime  # part of the cache key only: a rewritten checkpoint is read again
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    state = ocp.StandardCheckpointer().restore(epath.Path(step_dir) / "state")
     flat = {}
     for collection in COLLECTIONS:
         if state.get(collection):
@@ -98,7 +104,7 @@ def _read(step_dir: str, mtime: float) -> dict:
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     """'collection/a/b' -> array for the params and batch_stats of the checkpoint at `path`."""
     step_dir = checkpoint_step_dir(path)
-    return _read(step_dir, os.path.getmtime(os.path.join(step_dir, "state")))
+    return _read(step_dir, (epath.Path(step_dir) / "state").stat().mtime)
 
 
 def flatten(tree, collection: str = "params") -> dict[str, np.ndarray]:

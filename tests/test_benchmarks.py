@@ -80,6 +80,7 @@ def test_scaling_refuses_unknown_sweeps_and_devices():
         scaling.run(True, 1, 0.01, sweeps=("batch",), device="tpu")
 
 
+@pytest.mark.slow  # two GPT train steps compiled with scanned remat: ~18 s on 2 idle cores
 def test_remat_rows_trade_memory_for_recompute_and_are_plotted(tmp_path):
     from benchmarks import scaling
 

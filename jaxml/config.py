@@ -7,6 +7,7 @@ overrides defaults; the CLI locks the result so a mistyped key is an error.
 import jax.numpy as jnp
 import ml_collections
 
+from jaxml.models import remat
 from jaxml.train import optim, parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -131,4 +132,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.parallel.mode in ("jit", "pmap"), "parallel.mode", config.parallel.mode, "'jit' or 'pmap'")
     if "model" in config and "dtype" in config.model:
         dtype(config.model.dtype)
+    if "model" in config and "remat" in config.model:
+        remat.check(config.model.remat)  # a policy name: one line before JAX compiles anything
     optim.make_optimizer(config.optim, config.train.steps)  # raises on bad optimizer keys

@@ -128,3 +128,14 @@ def test_classifier_head_narrower_than_the_datasets_labels_is_refused_before_tra
     with pytest.raises(ValueError, match=r"model.num_classes=5 but dataset 'digits' has 10 classes"):
         loop.train(cnn_experiment, tiny_config(**{"model.num_classes": 5}), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_unknown_remat_policy_is_rejected_by_validate_naming_the_choices():
+    from experiments import gpt
+
+    config = gpt.get_config("tiny")
+    config.model.remat = "fast"
+    with pytest.raises(ValueError, match=r"unknown remat policy 'fast'; expected one of none, full"):
+        config_lib.validate(config)
+    config.model.remat = "dots_saveable"
+    config_lib.validate(config)

@@ -91,7 +91,10 @@ def checkpoint_step_dir(path: str) -> str:
 @functools.lru_cache(maxsize=4)
 def _read(step_dir: str, mtime: float) -> dict:
     del mtime  # part of the cache key only: a rewritten checkpoint is read again
-    state = ocp.StandardCheckpointer().restore(epath.Path(step_dir) / "state")
+    # Some experiments read inside their traced `init` (distill's fixed teacher goes into the
+    # state there): Orbax must still build concrete arrays, not tracers.
+    with jax.ensure_compile_time_eval():
+        state = ocp.StandardCheckpointer().restore(epath.Path(step_dir) / "state")
     flat = {}
     for collection in COLLECTIONS:
         if state.get(collection):

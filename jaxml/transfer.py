@@ -191,9 +191,6 @@ def load_into(target, source: dict[str, np.ndarray], rename=(), reinit=(), sourc
                        unused=sorted(unused))
 
 
-_logged: set = set()
-
-
 def load_state(config: ml_collections.ConfigDict, state, source: dict | None = None):
     """`state` (a fresh TrainState, placed) with params and BatchNorm statistics loaded from
     `config.init_from`, its EMA (if any) starting at the loaded params; unchanged when
@@ -209,7 +206,7 @@ def load_state(config: ml_collections.ConfigDict, state, source: dict | None = N
 
 
 def init_from_config(config: ml_collections.ConfigDict, variables: dict, source: dict | None = None) -> dict:
-    """`variables` loaded from `config.init_from` (unchanged when it is ""); logs the report once per run.
+    """`variables` loaded from `config.init_from` (unchanged when it is ""); logs the report.
 
     `source` overrides what is read (e.g. GPT-2 weights already mapped to jaxml paths).
     """
@@ -218,9 +215,5 @@ def init_from_config(config: ml_collections.ConfigDict, variables: dict, source:
     if source is None:
         source = read_checkpoint(config.init_from)
     out, report = load_into(variables, source, config.init_rename, config.init_reinit, source_name=config.init_from)
-    # init is traced more than once (shapes first, then the real init): say it once.
-    key = (config.init_from, tuple(report.loaded), tuple(report.reinitialised))
-    if key not in _logged:
-        _logged.add(key)
-        log.info(str(report))
+    log.info(str(report))  # once per run: the loop loads outside any trace
     return out

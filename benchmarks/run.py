@@ -54,6 +54,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--scaling", default="batch,seq_len,width,depth,remat",
                     help="which scaling sweeps to run (remat: GPT step time and temporaries per remat policy)")
     ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
+    ap.add_argument("--no-keep-host-memory", action="store_true",
+                    help="leave glibc's malloc as it is (by default the process keeps freed memory, as the CLI "
+                         "does: jaxml.runtime.keep_host_memory; it applies to the PyTorch twins alike)")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
     args = ap.parse_args(argv)
@@ -84,6 +87,9 @@ def main(argv=None) -> dict:
     if not args.torch_omp_active and args.torch != "none":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, so before its import
 
+    from jaxml import runtime
+
+    malloc_note = runtime.keep_host_memory(not args.no_keep_host_memory)
     import jax
 
     from benchmarks import families, measure, scaling
@@ -106,13 +112,14 @@ def main(argv=None) -> dict:
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
                     "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_start": _load()},
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": malloc_note or "glibc default",
+                    "load_avg_start": _load()},
         "settings": {"quick": args.quick, "windows": args.windows, "window_s": args.window_s, "dtype": dtype,
                      "note": FLAGS_NOTE},
         "families": [], "pipeline": [], "scaling": None,
     }
     print(f"jaxml benchmarks on {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); {torch_note}", flush=True)
+          f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); {torch_note}; malloc: {out['machine']['malloc']}", flush=True)
     torch_set = set(_names(args.torch, families.FAMILIES)) if torch_twins else set()
     compile_set = set(_names(args.torch_compile, families.FAMILIES)) & torch_set
     bare_set = set(_names(args.bare, families.FAMILIES))
@@ -364,7 +371,7 @@ def markdown(out: dict) -> str:
     lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
-             f"jax {m['jax']}, Python {m['python']}; {m['torch']}. Peak "
+             f"jax {m['jax']}, Python {m['python']}; {m['torch']}; malloc: {m.get('malloc', 'glibc default')}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",
              "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "

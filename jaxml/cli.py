@@ -60,16 +60,20 @@ def _define_launch_flags() -> None:
     flags.DEFINE_string("compile_cache_dir", None,
                         "Where compiled programs are kept: default $JAX_COMPILATION_CACHE_DIR, else "
                         "$JAXML_CACHE_DIR, else ~/.cache/jaxml/xla.")
+    flags.DEFINE_bool("keep_host_memory", True, "Let glibc's malloc keep freed memory (one arena, no mmap, no "
+                      "trimming) so XLA:CPU's per-step temporaries are not page-faulted in again every step "
+                      "(jaxml.runtime.keep_host_memory; RSS stays at its high-water mark).")
     flags.DEFINE_bool("preflight", False, "Compile the train step for --topology without that hardware, print "
                       "per-device memory, FLOPs per step and compile time, and exit.")
     flags.DEFINE_string("topology", "cpu:8", "Target of --preflight, e.g. v5e-16, v4-32, 8xH100, cpu:8.")
 
 
 def _start_jax(experiment: types.ModuleType) -> bool:
-    """Multi-host init and the compilation cache, before anything starts a JAX backend;
+    """The host allocator, multi-host init and the compilation cache, before anything starts a JAX backend;
     True when this is a preflight run (which has already printed its figures)."""
     from jaxml import runtime
 
+    runtime.keep_host_memory(FLAGS.keep_host_memory)
     if FLAGS.preflight:
         from jaxml import preflight
 

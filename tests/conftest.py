@@ -22,6 +22,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxml import runtime  # noqa: E402
+
+# As the CLI does, before the backend starts (pytest_configure below starts it).
+runtime.keep_host_memory()
+
 
 def pytest_configure(config):
     assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.device_count()}"

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxml.models import _checks
+from jaxml.models import _checks, conv
 from jaxml.train import parallel
 
 # He init with fan_out, as the paper (and torchvision) initialise convolutions.
@@ -27,7 +27,7 @@ def _conv(features: int, kernel: int, strides: int, dtype) -> nn.Conv:
     """A bias-free conv (the BatchNorm after it has the offset) with logical axis names on its kernel."""
     pad = (kernel - 1) // 2  # explicit, so stride 2 halves exactly as in the paper (SAME shifts odd sizes)
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, kernel_init=nn.with_logical_partitioning(
+                   use_bias=False, dtype=dtype, conv_general_dilated=conv.conv_general_dilated, kernel_init=nn.with_logical_partitioning(
                        _CONV_INIT, (None, None, "conv_in", "conv_out")))
 
 

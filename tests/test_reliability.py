@@ -410,10 +410,11 @@ def test_soak_many_steps_and_checkpoints_bounded_disk_memory_fds_no_recompiles(t
     print(figures)
     assert sum(first[0] <= t <= last[0] for t in compiles) == 0, figures
     assert last[2] - first[2] < 40, figures  # MB; a per-step or per-save leak over 2500 steps would show
-    # Save threads open files for a moment, and disk use swings as saves and deletions
-    # overlap: compare the peaks of the first and the last third.
+    # Save threads open files for a moment (how many at once depends on how saves overlap, which
+    # the step time decides), so a leak shows as a rising floor of open fds: compare the least
+    # of the first and the last third. Disk use swings as saves and deletions overlap: peaks.
     third = len(steady) // 3
-    assert max(s[3] for s in steady[-third:]) <= max(s[3] for s in steady[:third]) + 2, figures
+    assert min(s[3] for s in steady[-third:]) <= min(s[3] for s in steady[:third]) + 2, figures
     assert max(s[4] for s in steady[-third:]) <= 1.5 * max(s[4] for s in steady[:third]), figures
 
 

@@ -55,6 +55,9 @@ def test_large_outputs_grouped_and_dilated_convolutions_stay_xla_convolutions():
     assert "conv_general_dilated" in _primitives(
         lambda x, w: conv.conv_general_dilated(x, w, (1, 1), same, rhs_dilation=(2, 2), dimension_numbers=NHWC),
         x[:, :3, :3], w)
+    neg = ((-1, 0), (0, 0))  # negative padding crops: XLA's
+    assert "conv_general_dilated" in _primitives(
+        lambda x, w: conv.conv_general_dilated(x, w, (1, 1), neg, dimension_numbers=NHWC), x[:, :3, :2], w[:1, :1])
     x1 = jnp.ones((2, 8, 4))  # 1-D convolutions are left to XLA
     assert "conv_general_dilated" in _primitives(
         lambda x, w: conv.conv_general_dilated(x, w, (1,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")),

@@ -78,7 +78,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if plain and jax.default_backend() == "cpu":
         strides = tuple(window_strides)
         pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-        if use_matmul(lhs.shape, rhs.shape, strides, pads):
+        if all(p >= 0 for pair in pads for p in pair) and use_matmul(lhs.shape, rhs.shape, strides, pads):
             return as_matmul(lhs, rhs, strides, pads)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -103,8 +103,8 @@ def keep_host_memory(enabled: bool = True) -> str | None:
     XLA:CPU allocates each step's temporaries as one block (ResNet-20: 145 MB, the GPT: 130
     MB) and frees it after the step. glibc maps blocks over 32 MB fresh from the kernel, and
     a worker thread's blocks over 64 MB always (its arena cannot hold them, whatever
-    M_MMAP_MAX says), so every step page-faults its temporaries back in: 37,000 faults, about
-    60 of ResNet-20's 370 ms a step on a 2-core VM. One arena, no mmap and no trimming keep
+    M_MMAP_MAX says), so every step page-faults its temporaries back in: 37,000 faults, 35-60
+    ms of ResNet-20's ~350 ms step on a 2-core VM. One arena, no mmap and no trimming keep
     the block, as tcmalloc or jemalloc would; the process's RSS then stays at its high-water
     mark. Call before the first computation: threads started earlier keep their own arenas.
     """

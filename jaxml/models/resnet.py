@@ -27,8 +27,8 @@ def _conv(features: int, kernel: int, strides: int, dtype) -> nn.Conv:
     """A bias-free conv (the BatchNorm after it has the offset) with logical axis names on its kernel."""
     pad = (kernel - 1) // 2  # explicit, so stride 2 halves exactly as in the paper (SAME shifts odd sizes)
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, conv_general_dilated=conv.conv_general_dilated, kernel_init=nn.with_logical_partitioning(
-                       _CONV_INIT, (None, None, "conv_in", "conv_out")))
+                   use_bias=False, dtype=dtype, conv_general_dilated=conv.conv_general_dilated,
+                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, (None, None, "conv_in", "conv_out")))
 
 
 def _norm(train: bool, dtype, zero_scale: bool = False) -> nn.BatchNorm:

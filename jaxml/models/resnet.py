@@ -31,6 +31,18 @@ def _conv(features: int, kernel: int, strides: int, dtype) -> nn.Conv:
                    kernel_init=nn.with_logical_partitioning(_CONV_INIT, (None, None, "conv_in", "conv_out")))
 
 
+def _relu(x):
+    """relu written as a select, so that XLA computes each block's output once.
+
+    `max(x, 0)` reads one full-size operand, so XLA's fusion pass may duplicate it (and, via
+    the identity skips, the BatchNorm-add-relu of every earlier block) into each consumer:
+    on CPU a ResNet-20 step recomputed its residual stream up to four blocks deep in its
+    backward transposes. A select reads two (the mask and x), which XLA materialises once.
+    Same values and gradients (0 at 0, as relu); ResNet-20's CPU step 0.76x, ResNet-50's 0.95x.
+    """
+    return jnp.where(x > 0, x, 0)
+
+
 def _norm(train: bool, dtype, zero_scale: bool = False) -> nn.BatchNorm:
     # momentum 0.9 / eps 1e-5: torch's BatchNorm defaults, which the published numbers use.
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
@@ -75,10 +87,10 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], train: bool) -> Float[Array, "B h w F"]:
-        y = nn.relu(_norm(train, self.dtype)(_conv(self.features, 3, self.strides, self.dtype)(x_BxHxWxC)))
+        y = _relu(_norm(train, self.dtype)(_conv(self.features, 3, self.strides, self.dtype)(x_BxHxWxC)))
         y = _norm(train, self.dtype)(_conv(self.features, 3, 1, self.dtype)(y))
         skip = Shortcut(self.features, self.strides, self.shortcut, self.dtype)(x_BxHxWxC, train)
-        return nn.relu(y + skip)
+        return _relu(y + skip)
 
 
 class Bottleneck(nn.Module):
@@ -94,12 +106,12 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWxC: Float[Array, "B H W C"], train: bool) -> Float[Array, "B h w F"]:
         out = self.features * self.expansion
-        y = nn.relu(_norm(train, self.dtype)(_conv(self.features, 1, 1, self.dtype)(x_BxHxWxC)))
+        y = _relu(_norm(train, self.dtype)(_conv(self.features, 1, 1, self.dtype)(x_BxHxWxC)))
         # Stride on the 3x3 conv ("ResNet v1.5", torchvision): same parameters, better accuracy.
-        y = nn.relu(_norm(train, self.dtype)(_conv(self.features, 3, self.strides, self.dtype)(y)))
+        y = _relu(_norm(train, self.dtype)(_conv(self.features, 3, self.strides, self.dtype)(y)))
         y = _norm(train, self.dtype)(_conv(out, 1, 1, self.dtype)(y))
         skip = Shortcut(out, self.strides, self.shortcut, self.dtype)(x_BxHxWxC, train)
-        return nn.relu(y + skip)
+        return _relu(y + skip)
 
 
 class ResNet(nn.Module):
@@ -118,10 +130,10 @@ class ResNet(nn.Module):
         _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         x = x_BxHxWxC.astype(self.dtype)
         if self.stem == "imagenet":
-            x = nn.relu(_norm(train, self.dtype)(_conv(self.width, 7, 2, self.dtype)(x)))
+            x = _relu(_norm(train, self.dtype)(_conv(self.width, 7, 2, self.dtype)(x)))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
-            x = nn.relu(_norm(train, self.dtype)(_conv(self.width, 3, 1, self.dtype)(x)))
+            x = _relu(_norm(train, self.dtype)(_conv(self.width, 3, 1, self.dtype)(x)))
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
         for stage, num_blocks in enumerate(self.stage_sizes):

@@ -57,6 +57,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-keep-host-memory", action="store_true",
                     help="leave glibc's malloc as it is (by default the process keeps freed memory, as the CLI "
                          "does: jaxml.runtime.keep_host_memory; it applies to the PyTorch twins alike)")
+    ap.add_argument("--no-multithreaded-convolutions", action="store_true",
+                    help="leave XLA:CPU's convolutions where the installed jaxlib puts them (by default, as the CLI "
+                         "does, jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen: "
+                         "jaxml.runtime.multithreaded_convolutions)")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
     args = ap.parse_args(argv)
@@ -90,6 +94,7 @@ def main(argv=None) -> dict:
     from jaxml import runtime
 
     malloc_note = runtime.keep_host_memory(not args.no_keep_host_memory)
+    runtime.multithreaded_convolutions(not args.no_multithreaded_convolutions)
     import jax
 
     from benchmarks import families, measure, scaling
@@ -113,6 +118,7 @@ def main(argv=None) -> dict:
                     "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
                     "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": malloc_note or "glibc default",
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "load_avg_start": _load()},
         "settings": {"quick": args.quick, "windows": args.windows, "window_s": args.window_s, "dtype": dtype,
                      "note": FLAGS_NOTE},
@@ -368,10 +374,12 @@ def _f(x, fmt):
 def markdown(out: dict) -> str:
     m = out["machine"]
     peaks = m.get("peaks_measured") or [m["peak_flops"]]
+    xla_flags = f"; XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else ""
     lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
-             f"jax {m['jax']}, Python {m['python']}; {m['torch']}; malloc: {m.get('malloc', 'glibc default')}. Peak "
+             f"jax {m['jax']}, Python {m['python']}; {m['torch']}; malloc: {m.get('malloc', 'glibc default')}"
+             f"{xla_flags}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",
              "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "

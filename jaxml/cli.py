@@ -63,6 +63,9 @@ def _define_launch_flags() -> None:
     flags.DEFINE_bool("keep_host_memory", True, "Let glibc's malloc keep freed memory (one arena, no mmap, no "
                       "trimming) so XLA:CPU's per-step temporaries are not page-faulted in again every step "
                       "(jaxml.runtime.keep_host_memory; RSS stays at its high-water mark).")
+    flags.DEFINE_bool("multithreaded_convolutions", True, "Run XLA:CPU's convolutions on all cores (Eigen) where "
+                      "the installed jaxlib runs each on one thread (YNNPACK in jaxlib 0.10; "
+                      "jaxml.runtime.multithreaded_convolutions).")
     flags.DEFINE_bool("preflight", False, "Compile the train step for --topology without that hardware, print "
                       "per-device memory, FLOPs per step and compile time, and exit.")
     flags.DEFINE_string("topology", "cpu:8", "Target of --preflight, e.g. v5e-16, v4-32, 8xH100, cpu:8.")
@@ -74,6 +77,7 @@ def _start_jax(experiment: types.ModuleType) -> bool:
     from jaxml import runtime
 
     runtime.keep_host_memory(FLAGS.keep_host_memory)
+    runtime.multithreaded_convolutions(FLAGS.multithreaded_convolutions)
     if FLAGS.preflight:
         from jaxml import preflight
 

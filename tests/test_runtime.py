@@ -1,4 +1,5 @@
-"""jaxml.runtime.keep_host_memory: XLA:CPU's per-step temporaries stop being page-faulted in again."""
+"""jaxml.runtime: kept host memory (XLA:CPU's per-step temporaries stop being page-faulted in again) and
+multithreaded convolutions (jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen)."""
 
 import os
 import platform
@@ -54,3 +55,65 @@ def test_disabled_is_a_no_op_and_a_late_call_warns():
             warnings.simplefilter("always")
             assert "M_ARENA_MAX=1" in runtime.keep_host_memory()
         assert any("before JAX started" in str(w.message) or "after JAX started" in str(w.message) for w in caught)
+
+
+# A ResNet-20 stage-2 convolution (32 channels: YNNPACK takes it in jaxlib 0.10) and its two gradients.
+_CONV = """
+import sys, time
+from jaxml import runtime
+print(runtime.multithreaded_convolutions(sys.argv[1] == "on"))
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+x = jax.random.normal(jax.random.key(0), (64, 16, 16, 32))
+w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
+def step(x, w):  # no reductions or dots: YNNPACK's name in the program means it runs a convolution
+    y, vjp = jax.vjp(conv, x, w)
+    return (y, *vjp(y))
+compiled = jax.jit(step).lower(x, w).compile()
+print("ynn" in compiled.as_text())
+print(float(sum(jnp.vdot(a, a) for a in compiled(x, w))))
+"""
+
+
+def _conv_in_subprocess(mode: str, xla_flags: str | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", _CONV, mode], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    flag, on_ynn, loss = out.stdout.split("\n")[:3]
+    return flag, on_ynn == "True", float(loss)
+
+
+def test_multithreaded_convolutions_moves_jaxlib_010_convolutions_off_ynnpack():
+    flag_on, ynn_on, loss_on = _conv_in_subprocess("on")
+    flag_off, ynn_off, loss_off = _conv_in_subprocess("off")
+    assert flag_off == "None"
+    if runtime._jaxlib_version() < (0, 11):
+        assert flag_on == "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+        assert ynn_off and not ynn_on, (ynn_off, ynn_on)  # the test can tell: jaxlib 0.10 puts it on YNNPACK
+    else:  # jaxlib 0.12's YNNPACK convolutions use every core: nothing to change
+        assert flag_on == "None" and ynn_on == ynn_off
+    assert loss_on == pytest.approx(loss_off, rel=1e-5)  # the same convolution, another library
+
+
+def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
+    chosen = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution,reduce"
+    flag, on_ynn, _ = _conv_in_subprocess("on", chosen)
+    assert flag == "None" and on_ynn
+    assert runtime.multithreaded_convolutions(False) is None
+    if runtime._jaxlib_version() < (0, 11):
+        import jax
+
+        jax.devices()  # the suite's backend is up (conftest already set the flag: drop it to see the warning)
+        saved = os.environ["XLA_FLAGS"]
+        try:
+            os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert runtime.multithreaded_convolutions() is None
+            assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+        finally:
+            os.environ["XLA_FLAGS"] = saved
+        assert any("after JAX started" in str(w.message) for w in caught)

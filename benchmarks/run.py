@@ -27,8 +27,9 @@ import sys
 import tempfile
 import time
 
-FLAGS_NOTE = ("PyTorch runs with OMP_WAIT_POLICY=PASSIVE unless --torch-omp-active: on a shared machine "
-              "its spinning OpenMP threads otherwise lose their cores and steps take 10-30x longer")
+FLAGS_NOTE = ("PyTorch runs with its own OpenMP defaults (worker threads spin between parallel regions), as "
+              "its users get it; --torch-omp-passive sets OMP_WAIT_POLICY=PASSIVE, for a machine shared with "
+              "other jobs, where spinning threads lose their cores and its steps take 10-30x longer")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -53,7 +54,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling", default="batch,seq_len,width,depth,remat",
                     help="which scaling sweeps to run (remat: GPT step time and temporaries per remat policy)")
-    ap.add_argument("--torch-omp-active", action="store_true", help="leave OpenMP's wait policy alone")
+    ap.add_argument("--torch-omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for PyTorch (only on a machine shared with other jobs: on an idle "
+                         "one it makes PyTorch's small-op steps up to 1.6x slower than its default)")
     ap.add_argument("--no-keep-host-memory", action="store_true",
                     help="leave glibc's malloc as it is (by default the process keeps freed memory, as the CLI "
                          "does: jaxml.runtime.keep_host_memory; it applies to the PyTorch twins alike)")
@@ -88,8 +91,8 @@ def main(argv=None) -> dict:
         write(out, args.out)
         print(markdown(out))
         return out
-    if not args.torch_omp_active and args.torch != "none":
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, so before its import
+    if args.torch_omp_passive and args.torch != "none":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads OpenMP, so before its import
 
     from jaxml import runtime
 
@@ -375,10 +378,11 @@ def markdown(out: dict) -> str:
     m = out["machine"]
     peaks = m.get("peaks_measured") or [m["peak_flops"]]
     xla_flags = f"; XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else ""
+    omp = f" (OMP_WAIT_POLICY={m['omp_wait_policy']})" if m.get("omp_wait_policy") else " (OpenMP defaults)"
     lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
-             f"jax {m['jax']}, Python {m['python']}; {m['torch']}; malloc: {m.get('malloc', 'glibc default')}"
+             f"jax {m['jax']}, Python {m['python']}; {m['torch']}{omp}; malloc: {m.get('malloc', 'glibc default')}"
              f"{xla_flags}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",

@@ -68,3 +68,16 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     variables = _params(model, x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
     assert model.apply(variables, x, train=False).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 4), (2, 11, 3)])
+def test_max_pool_2x_equals_flax_max_pool_without_a_reduce_window(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    window = (2,) * (len(shape) - 2)
+    ours, flax_pool = cnn.max_pool_2x, lambda v: nn.max_pool(v, window, strides=window)
+    np.testing.assert_array_equal(ours(x), flax_pool(x))
+    weights = jax.random.normal(jax.random.key(1), flax_pool(x).shape)  # distinct maxima: one gradient each
+    np.testing.assert_array_equal(jax.grad(lambda v: (ours(v) * weights).sum())(x),
+                                  jax.grad(lambda v: (flax_pool(v) * weights).sum())(x))
+    assert "reduce-window" not in jax.jit(ours).lower(x).compile().as_text()
+    assert "reduce-window" in jax.jit(flax_pool).lower(x).compile().as_text()  # the test can tell

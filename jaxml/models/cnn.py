@@ -41,7 +41,7 @@ class CNN(nn.Module):
                                  axis_name=parallel.pmap_axis_name())(x)
             x = nn.relu(x)
             if i in self.pool_after:
-                x = nn.max_pool(x, (2,) * rank, strides=(2,) * rank)
+                x = max_pool_2x(x)
         x_BxF = x.reshape(x.shape[0], -1)
         x_BxD = nn.relu(nn.Dense(self.dense, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("embed", "mlp")))(x_BxF))
@@ -49,6 +49,20 @@ class CNN(nn.Module):
         logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("mlp", "classes")))(x_BxD)
         return logits_BxK.astype(jnp.float32)  # the loss and softmax stay in float32
+
+
+def max_pool_2x(x: Float[Array, "B *spatial C"]) -> Float[Array, "B *half C"]:
+    """2x max-pooling over every spatial axis (stride 2, odd remainders dropped, as `nn.max_pool`'s VALID).
+
+    Written as a reshape and a max over the window axes, a plain reduction: XLA:CPU's
+    reduce-window took 3.3 ms of the LeNet's 13 ms step to pool 128 x 8 x 8 x 64 (the CNN
+    step 0.79x). The same values; the gradient goes to the window's maximum, shared only
+    between exactly equal maxima, where reduce-window picks one.
+    """
+    b, *spatial, c = x.shape
+    x = x[(slice(None),) + tuple(slice(0, n - n % 2) for n in spatial)]
+    windows = [d for n in spatial for d in (n // 2, 2)]
+    return x.reshape(b, *windows, c).max(axis=tuple(2 + 2 * i for i in range(len(spatial))))
 
 
 LeNet = functools.partial(CNN, features=(32, 64), pool_after=(1,), dense=128)

@@ -23,6 +23,9 @@ Batch = dict[str, np.ndarray]
 # Each grain element is a whole batch, so grain's default buffer of 500 elements would
 # hold 500 batches; a few keep the device fed.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+# A source held in memory is gathered by one numpy index: inline it takes 29 us a CNN batch,
+# handed over from grain's prefetch threads 167 us (of an 11 ms step, on the step's cores).
+_INLINE_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def train_dataset(source: Sequence[dict[str, Any]], *, global_batch_size: int, seed: int,
@@ -39,7 +42,7 @@ def train_dataset(source: Sequence[dict[str, Any]], *, global_batch_size: int, s
     # go: far cheaper per batch than shuffling and batching records one at a time.
     indices = _BatchIndices(len(source), global_batch_size, seed, rows)
     ds = grain.MapDataset.range(_ENDLESS).map(indices).map(functools.partial(_take, source))
-    ds = ds.to_iter_dataset(_READ_OPTIONS)
+    ds = ds.to_iter_dataset(_INLINE_READ_OPTIONS if isinstance(source, sources.ArraySource) else _READ_OPTIONS)
     if num_workers > 0:
         # Grain's worker start reads an absl flag. Entry points parse flags; notebooks and
         # tests do not, so accept the defaults there.

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import sys
 
 import jaxml
@@ -40,9 +41,12 @@ def _first_paragraph(doc: str | None) -> str:
 
 def _signature(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        signature = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
+    # Defaults without a repr of their own (Flax's parent sentinel) print their address: drop
+    # it, so the page changes only when an API does.
+    return re.sub(r" object at 0x[0-9a-f]+>", ">", signature)
 
 
 def describe(name: str) -> list[str]:

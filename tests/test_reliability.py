@@ -85,13 +85,18 @@ def test_nan_batch_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path
 
 def test_skipped_nan_step_discards_its_update_and_is_reported(tmp_path, capsys):
     # Step 6 (state.step 5) sees a NaN batch: with one skip allowed, the run ends with the
-    # params of a 5-step run (constant lr), the step counted and reported.
-    skipped = loop.train(poisoned(cnn, [5]), tiny_config(**{"train.steps": 6, "train.skip_nonfinite_steps": 1,
-                                                            **CONSTANT_LR}), str(tmp_path / "skip"))
+    # params and optimizer state of a 5-step run (constant lr), the step counted and reported.
+    # The 5-step run allows a skip too, so both run the same compiled step and "exactly" is a
+    # fair ask: a step built without the check is another program, whose fusions XLA may choose
+    # differently (jax 0.12.1 rounds the conv bias gradient 1 ulp apart).
+    allow_one = {"train.skip_nonfinite_steps": 1, **CONSTANT_LR}
+    skipped = loop.train(poisoned(cnn, [5]), tiny_config(**{"train.steps": 6, **allow_one}), str(tmp_path / "skip"))
     assert "non-finite training metrics at step 6" in capsys.readouterr().out
-    five = loop.train(cnn, tiny_config(**{"train.steps": 5, **CONSTANT_LR}), str(tmp_path / "five"))
+    five = loop.train(cnn, tiny_config(**{"train.steps": 5, **allow_one}), str(tmp_path / "five"))
+    assert "non-finite" not in capsys.readouterr().out
     assert skipped.step == 6
     assert_trees_close(params_of(five), params_of(skipped), rtol=0, atol=0)
+    assert_trees_close(five.state.opt_state, skipped.state.opt_state, rtol=0, atol=0)
     rows = log.read_metrics(str(tmp_path / "skip"))
     assert all(isinstance(v, float) for r in rows for k, v in r.items() if k != "step")  # no NaN logged
 

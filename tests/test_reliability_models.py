@@ -300,12 +300,13 @@ def without_eval(experiment):
 
 def test_skipped_nan_step_under_pmap_discards_its_update(tmp_path, capsys):
     # As tests/test_reliability.py's jit version: state.step 5 sees a NaN batch, one skip allowed,
-    # so the 6-step run ends with exactly the params of a 5-step run (constant lr).
-    pmap = {"parallel.mode": "pmap", **CONSTANT_LR}
-    skipped = loop.train(without_eval(poisoned(cnn_experiment, [5])),
-                         tiny_config(**{"train.steps": 6, "train.skip_nonfinite_steps": 1, **pmap}),
+    # so the 6-step run ends with exactly the state of a 5-step run of the same step (constant lr).
+    pmap = {"parallel.mode": "pmap", "train.skip_nonfinite_steps": 1, **CONSTANT_LR}
+    skipped = loop.train(without_eval(poisoned(cnn_experiment, [5])), tiny_config(**{"train.steps": 6, **pmap}),
                          str(tmp_path / "skip"))
     assert "non-finite training metrics at step 6" in capsys.readouterr().out
     five = loop.train(without_eval(cnn_experiment), tiny_config(**{"train.steps": 5, **pmap}), str(tmp_path / "five"))
+    assert "non-finite" not in capsys.readouterr().out
     assert skipped.step == 6
     assert_trees_close(params_of(five), params_of(skipped), rtol=0, atol=0)
+    assert_trees_close(five.state.opt_state, skipped.state.opt_state, rtol=0, atol=0)

@@ -127,7 +127,8 @@ def keep_host_memory(enabled: bool = True) -> str | None:
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 
 
-def _jaxlib_version() -> tuple[int, int]:
+def jaxlib_version() -> tuple[int, int]:
+    """(major, minor) of the installed jaxlib."""
     from jaxlib import version
 
     major, minor = version.__version__.split(".")[:2]
@@ -146,7 +147,7 @@ def multithreaded_convolutions(enabled: bool = True) -> str | None:
     nothing; a `--xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS stands.
     XLA reads XLA_FLAGS once, when the backend starts: call this before the first computation.
     """
-    if not enabled or _jaxlib_version() >= (0, 11):
+    if not enabled or jaxlib_version() >= (0, 11):
         return None
     current = os.environ.get("XLA_FLAGS", "")
     if _YNN_FUSION_FLAG in current:

@@ -90,7 +90,7 @@ def test_multithreaded_convolutions_moves_jaxlib_010_convolutions_off_ynnpack():
     flag_on, ynn_on, loss_on = _conv_in_subprocess("on")
     flag_off, ynn_off, loss_off = _conv_in_subprocess("off")
     assert flag_off == "None"
-    if runtime._jaxlib_version() < (0, 11):
+    if runtime.jaxlib_version() < (0, 11):
         assert flag_on == "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
         assert ynn_off and not ynn_on, (ynn_off, ynn_on)  # the test can tell: jaxlib 0.10 puts it on YNNPACK
     else:  # jaxlib 0.12's YNNPACK convolutions use every core: nothing to change
@@ -103,7 +103,7 @@ def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
     flag, on_ynn, _ = _conv_in_subprocess("on", chosen)
     assert flag == "None" and on_ynn
     assert runtime.multithreaded_convolutions(False) is None
-    if runtime._jaxlib_version() < (0, 11):
+    if runtime.jaxlib_version() < (0, 11):
         import jax
 
         jax.devices()  # the suite's backend is up (conftest already set the flag: drop it to see the warning)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 
 
 class MLPEncoder(nn.Module):
@@ -28,8 +29,8 @@ class MLPEncoder(nn.Module):
         _checks.expect(self, x_BxHxWxC, "(batch, height, width, channels)", "float", "images")
         h = einops.rearrange(x_BxHxWxC, "b h w c -> b (h w c)")
         for width in self.hidden:
-            h = nn.relu(nn.Dense(width)(h))
-        return nn.Dense(self.out_features)(h)
+            h = nn.relu(Dense(width)(h))
+        return Dense(self.out_features)(h)
 
 
 class MLPDecoder(nn.Module):
@@ -43,9 +44,9 @@ class MLPDecoder(nn.Module):
         _checks.expect(self, z_BxZ, "(batch, latent)", "float", "latents")
         h = z_BxZ
         for width in self.hidden:
-            h = nn.relu(nn.Dense(width)(h))
+            h = nn.relu(Dense(width)(h))
         height, width, channels = self.image_shape
-        h = nn.Dense(height * width * channels)(h)
+        h = Dense(height * width * channels)(h)
         return einops.rearrange(h, "b (h w c) -> b h w c", h=height, w=width, c=channels)
 
 
@@ -66,7 +67,7 @@ class ConvEncoder(nn.Module):
             h = nn.relu(nn.Conv(width, (3, 3))(h))
         if self.spatial:
             return nn.Conv(self.out_features, (1, 1))(h)
-        return nn.Dense(self.out_features)(einops.rearrange(h, "b h w c -> b (h w c)"))
+        return Dense(self.out_features)(einops.rearrange(h, "b h w c -> b (h w c)"))
 
 
 class ConvDecoder(nn.Module):
@@ -89,7 +90,7 @@ class ConvDecoder(nn.Module):
         if self.spatial:
             h = z
         else:
-            h = nn.Dense(height // factor * width // factor * self.features[-1])(z)
+            h = Dense(height // factor * width // factor * self.features[-1])(z)
             h = einops.rearrange(h, "b (h w c) -> b h w c", h=height // factor, w=width // factor)
         for width_ in reversed(self.features):
             h = nn.relu(nn.Conv(width_, (3, 3))(h))  # no relu before: a spatial latent keeps its sign

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 from jaxml.train import parallel
 
 
@@ -43,10 +44,10 @@ class CNN(nn.Module):
             if i in self.pool_after:
                 x = max_pool_2x(x)
         x_BxF = x.reshape(x.shape[0], -1)
-        x_BxD = nn.relu(nn.Dense(self.dense, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+        x_BxD = nn.relu(Dense(self.dense, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("embed", "mlp")))(x_BxF))
         x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
-        logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+        logits_BxK = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("mlp", "classes")))(x_BxD)
         return logits_BxK.astype(jnp.float32)  # the loss and softmax stay in float32
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 from jaxml.train import parallel
 
 
@@ -30,7 +31,7 @@ class Generator(nn.Module):
                              f"got {self.image_shape}")
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                                  axis_name=parallel.pmap_axis_name())
-        h = nn.Dense(height // factor * width // factor * self.features[0], use_bias=False)(z_BxZ)
+        h = Dense(height // factor * width // factor * self.features[0], use_bias=False)(z_BxZ)
         h = einops.rearrange(h, "b (h w c) -> b h w c", h=height // factor, w=width // factor)
         h = nn.relu(norm()(h))
         for width_ in self.features:
@@ -56,7 +57,7 @@ class Discriminator(nn.Module):
             h = nn.leaky_relu(nn.Conv(width, (4, 4), strides=(2, 2))(h), 0.2)
         if self.minibatch_std:
             h = jnp.concatenate([h, minibatch_stddev(h)], axis=-1)
-        return nn.Dense(1)(einops.rearrange(h, "b h w c -> b (h w c)"))[:, 0]
+        return Dense(1)(einops.rearrange(h, "b h w c -> b (h w c)"))[:, 0]
 
 
 def minibatch_stddev(h_BxHxWxC: Float[Array, "B H W C"]) -> Float[Array, "B H W 1"]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 
 # Zero init: the loss of a linear model is convex, so there is no symmetry to break, and
 # zeros make the starting point (and every run) independent of the init seed.
@@ -24,7 +25,7 @@ class LinearRegression(nn.Module):
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B T"]:
         _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
-        return nn.Dense(self.num_targets, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
+        return Dense(self.num_targets, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
             x_BxD.astype(jnp.float32))
 
 
@@ -34,7 +35,7 @@ class LogisticRegression(nn.Module):
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B"]:
         _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
-        logit_Bx1 = nn.Dense(1, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
+        logit_Bx1 = Dense(1, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", None)))(
             x_BxD.astype(jnp.float32))
         return logit_Bx1[:, 0]
 
@@ -47,5 +48,5 @@ class SoftmaxRegression(nn.Module):
     @nn.compact
     def __call__(self, x_BxD: Float[Array, "B D"]) -> Float[Array, "B K"]:
         _checks.expect(self, x_BxD, "(batch, features)", "real", "features")
-        return nn.Dense(self.num_classes, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", "classes")))(
+        return Dense(self.num_classes, kernel_init=nn.with_logical_partitioning(_ZEROS, ("embed", "classes")))(
             x_BxD.astype(jnp.float32))

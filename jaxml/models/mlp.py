@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 from jaxml.train import parallel
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
@@ -61,7 +62,7 @@ class MLP(nn.Module):
         h_BxH = x_BxD.astype(self.dtype)
         for width in self.widths:
             # A norm right after Dense makes the Dense bias redundant (the norm's offset replaces it).
-            h_BxH = nn.Dense(width, use_bias=self.norm == "none", dtype=self.dtype,
+            h_BxH = Dense(width, use_bias=self.norm == "none", dtype=self.dtype,
                              kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")))(h_BxH)
             if self.norm == "layer":
                 h_BxH = nn.LayerNorm(dtype=self.dtype)(h_BxH)
@@ -69,7 +70,7 @@ class MLP(nn.Module):
                 h_BxH = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                      axis_name=parallel.pmap_axis_name())(h_BxH)
             h_BxH = nn.Dropout(self.dropout, deterministic=not train)(act(h_BxH))
-        logits_BxK = nn.Dense(self.num_outputs, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+        logits_BxK = Dense(self.num_outputs, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("mlp", "classes")))(h_BxH)
         return logits_BxK.astype(jnp.float32)  # the loss and softmax stay in float32
 

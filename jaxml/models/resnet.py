@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks, conv
+from jaxml.models.dense import Dense
 from jaxml.train import parallel
 
 # He init with fan_out, as the paper (and torchvision) initialise convolutions.
@@ -141,7 +142,7 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and b == 0 else 1
                 x = self.block(self.width * 2**stage, strides, self.shortcut, self.dtype)(x, train)
         pooled_BxC = einops.reduce(x, "b h w c -> b c", "mean")
-        logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+        logits_BxK = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("embed", "classes")))(pooled_BxC)
         return logits_BxK.astype(jnp.float32)  # the loss and softmax stay in float32
 

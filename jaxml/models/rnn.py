@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxml.models import _checks
+from jaxml.models.dense import Dense
 
 
 class LSTMCell(nn.RNNCellBase):
@@ -138,7 +139,7 @@ class CharRNNLM(nn.Module):
         x_BxTxE = nn.Embed(self.vocab_size, self.embed)(tokens_BxT)
         h_BxTxH = RNNStack(self.cell, self.hidden, self.num_layers, False, self.dropout, self.dtype)(x_BxTxE, train=train)
         h_BxTxH = nn.Dropout(self.dropout, deterministic=not train)(h_BxTxH)
-        return nn.Dense(self.vocab_size, dtype=self.dtype)(h_BxTxH).astype(jnp.float32)
+        return Dense(self.vocab_size, dtype=self.dtype)(h_BxTxH).astype(jnp.float32)
 
 
 class RNNClassifier(nn.Module):
@@ -171,7 +172,7 @@ class RNNClassifier(nn.Module):
         valid_BxT = (jnp.arange(steps)[None] < lengths_B[:, None]).astype(jnp.float32)
         pooled_BxF = (h_BxTxF * valid_BxT[..., None]).sum(1) / jnp.maximum(valid_BxT.sum(1, keepdims=True), 1.0)
         pooled_BxF = nn.Dropout(self.dropout, deterministic=not train)(pooled_BxF)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(pooled_BxF).astype(jnp.float32)
+        return Dense(self.num_classes, dtype=self.dtype)(pooled_BxF).astype(jnp.float32)
 
 
 TinyLM = functools.partial(CharRNNLM, embed=16, hidden=32, num_layers=2)

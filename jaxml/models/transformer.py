@@ -17,10 +17,11 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxml.models import remat as remat_lib
 from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention, key_padding_mask
+from jaxml.models.dense import Dense
 
 
 def _dense(features: int, names: tuple[str, str], dtype, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name, kernel_init=nn.with_logical_partitioning(
+    return Dense(features, dtype=dtype, name=name, kernel_init=nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(), names))
 
 

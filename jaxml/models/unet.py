@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 from jaxml.models import remat as remat_lib
 from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention
+from jaxml.models.dense import Dense
 
 
 def timestep_embedding(t_B: Int[Array, "B"], dim: int, max_period: float = 10_000.0) -> Float[Array, "B D"]:
@@ -47,13 +48,13 @@ class ResBlock(nn.Module):
         conv = functools.partial(nn.Conv, self.features, (3, 3), dtype=self.dtype)
         norm = functools.partial(nn.GroupNorm, self.groups, dtype=self.dtype)  # statistics in float32
         h = conv()(nn.swish(norm()(x_BxHxWxC)))
-        h = h + nn.Dense(self.features, dtype=self.dtype)(nn.swish(emb_BxE))[:, None, None, :]
+        h = h + Dense(self.features, dtype=self.dtype)(nn.swish(emb_BxE))[:, None, None, :]
         h = nn.swish(norm()(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-init last conv: each block starts as the identity, which trains deep U-Nets stably.
         h = conv(kernel_init=nn.initializers.zeros)(h)
         skip = (x_BxHxWxC if x_BxHxWxC.shape[-1] == self.features
-                else nn.Dense(self.features, dtype=self.dtype)(x_BxHxWxC))
+                else Dense(self.features, dtype=self.dtype)(x_BxHxWxC))
         return skip + h
 
 
@@ -116,7 +117,7 @@ class UNet(nn.Module):
             _checks.expect(self, context_BxSxD, "(batch, positions, context_dim)", "float", "context",
                            {"batch": batch, "context_dim": self.context_dim})
         emb_dim = 4 * self.channels
-        dense = functools.partial(nn.Dense, emb_dim, dtype=self.dtype)
+        dense = functools.partial(Dense, emb_dim, dtype=self.dtype)
         emb_BxE = timestep_embedding(t_B, self.channels)
         emb_BxE = dense()(nn.swish(dense()(emb_BxE)))
         if self.num_classes is not None:

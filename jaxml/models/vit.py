@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxml.models import _checks, transformer
+from jaxml.models.dense import Dense
 
 
 class ViT(nn.Module):
@@ -38,7 +39,7 @@ class ViT(nn.Module):
         if height % p or width % p:
             raise ValueError(f"ViT: image size {(height, width)} must be a multiple of patch_size={p}")
         patches_BxNxF = einops.rearrange(images_BxHxWxC, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
-        x_BxNxD = nn.Dense(self.features, dtype=self.dtype, name="patch_embed", kernel_init=nn.with_logical_partitioning(
+        x_BxNxD = Dense(self.features, dtype=self.dtype, name="patch_embed", kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), (None, "embed")))(patches_BxNxF.astype(self.dtype))
         if self.pool == "cls":
             cls_1x1xD = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
@@ -57,7 +58,7 @@ class ViT(nn.Module):
                                                                                                        train=train)
         x_BxNxD = nn.LayerNorm(dtype=self.dtype, name="norm_final")(x_BxNxD)
         pooled_BxD = x_BxNxD[:, 0] if self.pool == "cls" else x_BxNxD.mean(axis=1)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head", kernel_init=nn.initializers.zeros_init())(
+        return Dense(self.num_classes, dtype=self.dtype, name="head", kernel_init=nn.initializers.zeros_init())(
             pooled_BxD).astype(jnp.float32)
 
 

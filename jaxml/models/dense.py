@@ -11,6 +11,10 @@ folding it back) and contracts it in the form YNNPACK takes: train steps 0.85x (
 itself (the copy made the CNN 1.06x slower on 0.12.1), and other backends transpose for
 free, so there and on jaxlib >= 0.11 it is a plain `x @ w`.
 
+Not for scan bodies: there the copy becomes a stacked residual of the loop (a scanned 4-layer
+GPT step took 1.18x as long; the LSTM cell's matmuls gained nothing), so TransformerStack's
+scanned layers and the recurrent cells keep plain matmuls.
+
 `Dense` is `flax.linen.Dense` with this matmul: same parameters, names and initialisers.
 A `custom_jvp` (not `custom_vjp`), so forward mode (`jax.jvp`, `jax.hessian`) works too.
 """

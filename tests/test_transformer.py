@@ -53,6 +53,56 @@ def test_scan_stack_equals_unrolled_stack():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_scan_stack_gradients_equal_unrolled_stack():
+    # The scanned stack's MLP uses gelu_one_residual (its own JVP); the unrolled one flax's gelu.
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    scanned = nn.unbox(jax.jit(_stack(True).init)(jax.random.key(1), x))
+    unrolled = {"params": {f"layer_{i}": jax.tree.map(lambda a: a[i], scanned["params"]["layers"]) for i in range(3)}}
+
+    def grads(stack, variables):
+        return jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(stack.apply(v, x))), argnums=(0, 1)))(variables, x)
+
+    (g_scan, gx_scan), (g_unrolled, gx_unrolled) = grads(_stack(True), scanned), grads(_stack(False), unrolled)
+    for i in range(3):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-5),
+                     g_scan["params"]["layers"], g_unrolled["params"][f"layer_{i}"])
+    np.testing.assert_allclose(gx_scan, gx_unrolled, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_one_residual_equals_flax_gelu_to_second_order():
+    x = jnp.linspace(-6.0, 6.0, 241)
+    np.testing.assert_array_equal(transformer.gelu_one_residual(x), nn.gelu(x))
+    d1 = jax.vmap(jax.grad(transformer.gelu_one_residual))
+    np.testing.assert_allclose(d1(x), jax.vmap(jax.grad(nn.gelu))(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(jax.grad(transformer.gelu_one_residual)))(x),
+                               jax.vmap(jax.grad(jax.grad(nn.gelu)))(x), rtol=1e-4, atol=1e-5)
+    # Forward mode too (custom_jvp), and bfloat16 stays bfloat16.
+    _, tangent = jax.jvp(transformer.gelu_one_residual, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(tangent, d1(x), rtol=1e-6)
+    xb = x.astype(jnp.bfloat16)
+    _, tb = jax.jvp(transformer.gelu_one_residual, (xb,), (jnp.ones_like(xb),))
+    assert tb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(tb.astype(np.float32), d1(x), atol=0.02)
+
+
+def test_scanned_mlp_keeps_fewer_stacked_residuals(monkeypatch):
+    # The backward pass's residuals are the leaves of jax.vjp's function. With flax's gelu
+    # the scan stacks each intermediate of the tanh formula, (layers, batch, len, mlp_dim) each.
+    block = functools.partial(transformer.TransformerBlock, num_heads=2, mlp_dim=48, causal=True)
+    stack = transformer.TransformerStack(3, block, scan_layers=True)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    variables = nn.unbox(jax.jit(stack.init)(jax.random.key(1), x))
+
+    def mlp_wide_residuals():
+        _, f_vjp = jax.vjp(lambda v: stack.apply(v, x), variables)
+        return sum(getattr(a, "shape", None) == (3, 2, 6, 48) for a in jax.tree.leaves(f_vjp))
+
+    ours = mlp_wide_residuals()
+    monkeypatch.setattr(transformer, "gelu_one_residual", nn.gelu)
+    plain = mlp_wide_residuals()
+    assert ours <= 2 < plain, (ours, plain)  # gelu'(h) and gelu(h) (mlp_out's input) against 5-6
+
+
 def test_tied_and_untied_parameter_counts():
     def count(m):
         shapes = jax.eval_shape(m.init, jax.random.key(0), _tokens((1, 4)))

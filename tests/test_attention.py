@@ -69,3 +69,38 @@ def test_bad_mask_shape_and_decode_without_causal_fail_loudly():
         attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, None, jnp.ones((2, 4, 5), bool))
     with pytest.raises(ValueError, match="causal=True"):
         attention.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, decode=True)
+
+
+def test_softmax_equals_jax_softmax_to_second_order():
+    x = 3.0 * jax.random.normal(jax.random.key(0), (4, 7))
+    x = x.at[1, :3].set(attention._NEG)  # masked entries, as dot_product_attention writes them
+    np.testing.assert_array_equal(attention.softmax(x), jax.nn.softmax(x, axis=-1))
+    w = jax.random.normal(jax.random.key(1), (4, 7))
+
+    def f(softmax):
+        return lambda x: jnp.sum(w * softmax(x, axis=-1) ** 2)
+
+    ours, ref = f(attention.softmax), f(jax.nn.softmax)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jax.hessian(ours)(x[0]), jax.hessian(ref)(x[0]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(attention.softmax(x, 0), jax.nn.softmax(x, axis=0))
+    _, tangent = jax.jvp(lambda x: attention.softmax(x, 0), (x,), (w,))
+    np.testing.assert_allclose(tangent, jax.jvp(lambda x: jax.nn.softmax(x, axis=0), (x,), (w,))[1],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_scanned_attention_stacks_one_weights_sized_residual():
+    # jax 0.10's own softmax makes a scan over layers stack the logits and exp(logits) or the
+    # weights for the backward pass; ours stacks the weights only (the residuals are the
+    # leaves of jax.vjp's function; outside a scan XLA drops unused ones anyway).
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 4, 8)) for i in range(3))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
+
+    def layers(q, k, v):
+        def body(x, _):
+            return attention.dot_product_attention(x, k, v, mask), None
+        return jax.lax.scan(body, q, None, length=3)[0]
+
+    _, f_vjp = jax.vjp(layers, q, k, v)
+    stacked_weights = [a for a in jax.tree.leaves(f_vjp) if a.shape == (3, 2, 4, 1, 5, 5)]
+    assert len(stacked_weights) == 1 and stacked_weights[0].dtype == jnp.float32

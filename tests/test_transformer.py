@@ -15,6 +15,12 @@ def _tokens(shape, vocab=50, seed=0):
     return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
 
 
+def _unstacked(scanned, layers=3):
+    """A scanned stack's weights in the unrolled stack's layout (layer_i = the stacked arrays at i)."""
+    return {"params": {f"layer_{i}": jax.tree.map(lambda a: a[i], scanned["params"]["layers"])
+                       for i in range(layers)}}
+
+
 def _stack(scan_layers, causal=True, layers=3):
     block = functools.partial(transformer.TransformerBlock, num_heads=2, mlp_dim=32, causal=causal)
     return transformer.TransformerStack(layers, block, scan_layers=scan_layers)
@@ -46,9 +52,7 @@ def test_lm_logits_up_to_t_ignore_later_tokens():
 def test_scan_stack_equals_unrolled_stack():
     x = jax.random.normal(jax.random.key(0), (2, 6, 16))
     scanned = nn.unbox(jax.jit(_stack(True).init)(jax.random.key(1), x))
-    # The same weights, unstacked into the unrolled layout.
-    stacked = scanned["params"]["layers"]
-    unrolled = {"params": {f"layer_{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(3)}}
+    unrolled = _unstacked(scanned)
     np.testing.assert_allclose(jax.jit(_stack(False).apply)(unrolled, x), jax.jit(_stack(True).apply)(scanned, x),
                                rtol=1e-5, atol=1e-5)
 
@@ -57,7 +61,7 @@ def test_scan_stack_gradients_equal_unrolled_stack():
     # The scanned stack's MLP uses gelu_one_residual (its own JVP); the unrolled one flax's gelu.
     x = jax.random.normal(jax.random.key(0), (2, 6, 16))
     scanned = nn.unbox(jax.jit(_stack(True).init)(jax.random.key(1), x))
-    unrolled = {"params": {f"layer_{i}": jax.tree.map(lambda a: a[i], scanned["params"]["layers"]) for i in range(3)}}
+    unrolled = _unstacked(scanned)
 
     def grads(stack, variables):
         return jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(stack.apply(v, x))), argnums=(0, 1)))(variables, x)

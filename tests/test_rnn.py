@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+import pytest
 
 from jaxml.models import rnn
 
@@ -61,3 +62,105 @@ def test_char_lm_is_causal_and_shaped():
     a, b = apply(variables, tokens), apply(variables, tokens.at[:, 5:].set(1))
     assert a.shape == (2, 9, 30)
     np.testing.assert_array_equal(a[:, :5], b[:, :5])
+
+
+class _CellStack(nn.Module):
+    """RNNStack's LSTM layers in the nn.RNN-over-LSTMCell form it had before `rnn.LSTM`."""
+    hidden: int
+    num_layers: int
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxC, lengths_B=None):
+        for i in range(self.num_layers):
+            forward = nn.RNN(rnn.LSTMCell(self.hidden))
+            if self.bidirectional:
+                backward = nn.RNN(rnn.LSTMCell(self.hidden), reverse=True, keep_order=True)
+                x_BxTxC = nn.Bidirectional(forward, backward)(x_BxTxC, seq_lengths=lengths_B)
+            else:
+                x_BxTxC = forward(x_BxTxC, seq_lengths=lengths_B)
+        return x_BxTxC
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_rnn_stack_keeps_the_cell_forms_parameters_and_function(bidirectional):
+    """Same parameter names, shapes and initial values (checkpoints keep loading), same outputs."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 5))
+    lengths = jnp.array([6, 2, 4]) if bidirectional else None
+    ours, ref = rnn.RNNStack("lstm", 4, 2, bidirectional), _CellStack(4, 2, bidirectional)
+    v_ours, v_ref = ours.init(jax.random.key(1), x, lengths), ref.init(jax.random.key(1), x, lengths)
+    jax.tree.map(np.testing.assert_array_equal, v_ours, v_ref)
+    np.testing.assert_allclose(ours.apply(v_ours, x, lengths), ref.apply(v_ref, x, lengths), rtol=1e-5, atol=1e-6)
+
+
+def _layer_and_reference(reverse):
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5))
+    lengths = jnp.array([7, 3, 5])
+    layer = rnn.LSTM(4, reverse=reverse)
+    params = layer.init(jax.random.key(1), x, lengths)["params"]
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # bias != 0
+    ref = nn.RNN(rnn.LSTMCell(4), reverse=reverse, keep_order=True)
+    f = lambda p, x: layer.apply({"params": p}, x, lengths)
+    g = lambda p, x: ref.apply({"params": {"cell": p}}, x, seq_lengths=lengths)
+    return f, g, params, x
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(reverse):
+    f, g, params, x = _layer_and_reference(reverse)
+    np.testing.assert_allclose(f(params, x), g(params, x), rtol=1e-5, atol=1e-6)
+    target = jax.random.normal(jax.random.key(3), (3, 7, 4))
+    loss = lambda fn: (lambda p, x: jnp.sum((fn(p, x) - target) ** 2 * jnp.arange(1, 8)[:, None]))
+    grads, grads_ref = jax.grad(loss(f), (0, 1))(params, x), jax.grad(loss(g), (0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, grads_ref)
+    tangents = jax.tree.map(lambda a: jax.random.normal(jax.random.key(4), a.shape), (params, x))
+    _, jvp = jax.jvp(f, (params, x), tangents)
+    _, jvp_ref = jax.jvp(g, (params, x), tangents)
+    np.testing.assert_allclose(jvp, jvp_ref, rtol=1e-4, atol=1e-5)
+    # Hessian-vector product: forward mode over reverse mode, through both custom rules.
+    hvp = jax.jvp(lambda p: jax.grad(loss(f))(p, x), (params,), (tangents[0],))[1]
+    hvp_ref = jax.jvp(lambda p: jax.grad(loss(g))(p, x), (params,), (tangents[0],))[1]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), hvp, hvp_ref)
+
+
+def test_lstm_weight_gradients_are_not_accumulated_inside_the_time_loop():
+    """The kernel gradients are one matmul after the loop: no scan of the backward pass returns
+    a (C, 4H) or (H, 4H) array (the nn.RNN form carries both through its loop, adding per step)."""
+    f, g, params, x = _layer_and_reference(False)
+    weight_shapes = {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
+    assert weight_shapes == {(5, 16), (4, 16)}
+
+    def scan_outputs(fn):
+        closed = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
+        found = []
+
+        def visit(jaxpr):
+            for eqn in jaxpr.eqns:
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, (tuple, list)) else (value,):
+                        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                        if isinstance(sub, jax.extend.core.Jaxpr):
+                            if eqn.primitive.name == "scan":  # the body's outputs: carries, then per-step outputs
+                                found.extend(tuple(v.aval.shape) for v in sub.outvars)
+                            visit(sub)
+
+        visit(closed.jaxpr)
+        return found
+
+    ours, ref = scan_outputs(f), scan_outputs(g)
+    assert ours and not weight_shapes & set(ours), ours
+    assert weight_shapes <= set(ref), ref  # the check sees what it looks for
+
+
+def test_lstm_layer_in_bfloat16_keeps_float32_state_and_tracks_float32():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5))
+    layer32, layer16 = rnn.LSTM(8), rnn.LSTM(8, dtype=jnp.bfloat16)
+    params = layer32.init(jax.random.key(1), x)["params"]
+    y32, y16 = layer32.apply({"params": params}, x), layer16.apply({"params": params}, x)
+    assert y16.dtype == jnp.float32
+    np.testing.assert_allclose(y16, y32, atol=0.05)
+    g16 = jax.grad(lambda p: jnp.sum(layer16.apply({"params": p}, x) ** 2))(params)
+    g32 = jax.grad(lambda p: jnp.sum(layer32.apply({"params": p}, x) ** 2))(params)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.max(jnp.abs(b))))

@@ -64,50 +64,64 @@ def test_char_lm_is_causal_and_shaped():
     np.testing.assert_array_equal(a[:, :5], b[:, :5])
 
 
+_KINDS = {"lstm": (rnn.LSTM, rnn.LSTMCell), "gru": (rnn.GRU, rnn.GRUCell)}
+
+
 class _CellStack(nn.Module):
-    """RNNStack's LSTM layers in the nn.RNN-over-LSTMCell form it had before `rnn.LSTM`."""
+    """RNNStack in the nn.RNN-over-cell form it had before `rnn.LSTM` / `rnn.GRU`."""
+    kind: str
     hidden: int
     num_layers: int
     bidirectional: bool
 
     @nn.compact
     def __call__(self, x_BxTxC, lengths_B=None):
+        cell = _KINDS[self.kind][1]
         for i in range(self.num_layers):
-            forward = nn.RNN(rnn.LSTMCell(self.hidden))
+            forward = nn.RNN(cell(self.hidden))
             if self.bidirectional:
-                backward = nn.RNN(rnn.LSTMCell(self.hidden), reverse=True, keep_order=True)
+                backward = nn.RNN(cell(self.hidden), reverse=True, keep_order=True)
                 x_BxTxC = nn.Bidirectional(forward, backward)(x_BxTxC, seq_lengths=lengths_B)
             else:
                 x_BxTxC = forward(x_BxTxC, seq_lengths=lengths_B)
         return x_BxTxC
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_rnn_stack_keeps_the_cell_forms_parameters_and_function(bidirectional):
+def test_rnn_stack_keeps_the_cell_forms_parameters_and_function(kind, bidirectional):
     """Same parameter names, shapes and initial values (checkpoints keep loading), same outputs."""
     x = jax.random.normal(jax.random.key(0), (3, 6, 5))
     lengths = jnp.array([6, 2, 4]) if bidirectional else None
-    ours, ref = rnn.RNNStack("lstm", 4, 2, bidirectional), _CellStack(4, 2, bidirectional)
+    ours, ref = rnn.RNNStack(kind, 4, 2, bidirectional), _CellStack(kind, 4, 2, bidirectional)
     v_ours, v_ref = ours.init(jax.random.key(1), x, lengths), ref.init(jax.random.key(1), x, lengths)
     jax.tree.map(np.testing.assert_array_equal, v_ours, v_ref)
-    np.testing.assert_allclose(ours.apply(v_ours, x, lengths), ref.apply(v_ref, x, lengths), rtol=1e-5, atol=1e-6)
+    v_ref = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), v_ref)  # biases != 0
+    np.testing.assert_allclose(ours.apply(v_ref, x, lengths), ref.apply(v_ref, x, lengths), rtol=1e-5, atol=1e-6)
 
 
-def _layer_and_reference(reverse):
+def test_rnn_stack_rejects_an_unknown_cell():
+    with pytest.raises(ValueError, match="unknown cell 'rnn'; expected 'lstm' or 'gru'"):
+        rnn.RNNStack("rnn", 4).init(jax.random.key(0), jnp.ones((2, 3, 5)))
+
+
+def _layer_and_reference(kind, reverse):
     x = jax.random.normal(jax.random.key(0), (3, 7, 5))
     lengths = jnp.array([7, 3, 5])
-    layer = rnn.LSTM(4, reverse=reverse)
+    layer_cls, cell_cls = _KINDS[kind]
+    layer = layer_cls(4, reverse=reverse)
     params = layer.init(jax.random.key(1), x, lengths)["params"]
-    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # bias != 0
-    ref = nn.RNN(rnn.LSTMCell(4), reverse=reverse, keep_order=True)
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # biases != 0
+    ref = nn.RNN(cell_cls(4), reverse=reverse, keep_order=True)
     f = lambda p, x: layer.apply({"params": p}, x, lengths)
     g = lambda p, x: ref.apply({"params": {"cell": p}}, x, seq_lengths=lengths)
     return f, g, params, x
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_lstm_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(reverse):
-    f, g, params, x = _layer_and_reference(reverse)
+def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(kind, reverse):
+    f, g, params, x = _layer_and_reference(kind, reverse)
     np.testing.assert_allclose(f(params, x), g(params, x), rtol=1e-5, atol=1e-6)
     target = jax.random.normal(jax.random.key(3), (3, 7, 4))
     loss = lambda fn: (lambda p, x: jnp.sum((fn(p, x) - target) ** 2 * jnp.arange(1, 8)[:, None]))
@@ -123,12 +137,14 @@ def test_lstm_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(rev
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), hvp, hvp_ref)
 
 
-def test_lstm_weight_gradients_are_not_accumulated_inside_the_time_loop():
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_weight_gradients_are_not_accumulated_inside_the_time_loop(kind):
     """The kernel gradients are one matmul after the loop: no scan of the backward pass returns
-    a (C, 4H) or (H, 4H) array (the nn.RNN form carries both through its loop, adding per step)."""
-    f, g, params, x = _layer_and_reference(False)
+    a (C, gH) or (H, gH) array (the nn.RNN form carries both through its loop, adding per step)."""
+    f, g, params, x = _layer_and_reference(kind, False)
     weight_shapes = {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
-    assert weight_shapes == {(5, 16), (4, 16)}
+    gates = {"lstm": 4, "gru": 3}[kind]
+    assert weight_shapes == {(5, gates * 4), (4, gates * 4)}
 
     def scan_outputs(fn):
         closed = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
@@ -152,9 +168,11 @@ def test_lstm_weight_gradients_are_not_accumulated_inside_the_time_loop():
     assert weight_shapes <= set(ref), ref  # the check sees what it looks for
 
 
-def test_lstm_layer_in_bfloat16_keeps_float32_state_and_tracks_float32():
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_sequence_layer_in_bfloat16_keeps_float32_state_and_tracks_float32(kind):
     x = jax.random.normal(jax.random.key(0), (2, 6, 5))
-    layer32, layer16 = rnn.LSTM(8), rnn.LSTM(8, dtype=jnp.bfloat16)
+    layer_cls = _KINDS[kind][0]
+    layer32, layer16 = layer_cls(8), layer_cls(8, dtype=jnp.bfloat16)
     params = layer32.init(jax.random.key(1), x)["params"]
     y32, y16 = layer32.apply({"params": params}, x), layer16.apply({"params": params}, x)
     assert y16.dtype == jnp.float32

@@ -182,3 +182,17 @@ def test_sequence_layer_in_bfloat16_keeps_float32_state_and_tracks_float32(kind)
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.max(jnp.abs(b))))
+
+
+def test_scans_name_the_shapes_they_expected_and_got():
+    w_h, xg, h = jnp.zeros((4, 16)), jnp.zeros((7, 3, 16)), jnp.zeros((3, 4))
+    assert rnn.lstm_scan(w_h, xg, h, h)[0].shape == (7, 3, 4)
+    with pytest.raises(ValueError, match=r"lstm_scan expects .* \(time, batch, 4H\).* got kernel \(4, 16\), "
+                                         r"inputs \(3, 16\), states \(3, 4\), \(3, 4\)"):
+        rnn.lstm_scan(w_h, xg[0], h, h)
+    w_h3, xg3 = jnp.zeros((4, 12)), jnp.zeros((7, 3, 12))
+    assert rnn.gru_scan(w_h3, jnp.zeros(4), xg3, h).shape == (7, 3, 4)
+    with pytest.raises(ValueError, match=r"gru_scan expects .* states \(batch, H\); got .* states \(2, 4\)"):
+        rnn.gru_scan(w_h3, jnp.zeros(4), xg3, h[:2])
+    with pytest.raises(ValueError, match=r"recurrent_bias_n \(4,\), got \(3,\)"):
+        rnn.gru_scan(w_h3, jnp.zeros(3), xg3, h)

@@ -80,7 +80,6 @@ def _lstm_step(w_h, carry, xg_Bx4H, *, coefficients: bool):
     return (c2_BxH, h2_BxH), (h2_BxH, (ci, cf, cg, co, f, o * (1 - tanh_c * tanh_c)))
 
 
-@jax.custom_jvp
 def lstm_scan(w_h, xg_TxBx4H, c0_BxH, h0_BxH):
     """Runs the LSTM recurrence over time-major projected inputs xg = x W_x + b.
 
@@ -93,9 +92,25 @@ def lstm_scan(w_h, xg_TxBx4H, c0_BxH, h0_BxH):
     pre-transposed kernel, so the backward loop is one plain matmul and a few elementwise
     products per step. Forward mode (`jax.jvp`, Hessian-vector products) works as well.
     """
+    _expect_recurrence("lstm_scan", 4, w_h, xg_TxBx4H, c0_BxH, h0_BxH)
+    return _lstm_scan(w_h, xg_TxBx4H, c0_BxH, h0_BxH)
+
+
+@jax.custom_jvp
+def _lstm_scan(w_h, xg_TxBx4H, c0_BxH, h0_BxH):
     (c_BxH, h_BxH), hs_TxBxH = jax.lax.scan(functools.partial(_lstm_step, w_h, coefficients=False),
                                             (c0_BxH, h0_BxH), xg_TxBx4H)
     return hs_TxBxH, (c_BxH, h_BxH)
+
+
+def _expect_recurrence(name: str, gates: int, w_h, xg, *states):
+    """A clear error for shapes the recurrence cannot take (lax.scan's own would name none of them)."""
+    hidden = w_h.shape[0] if w_h.ndim == 2 else -1
+    if not (w_h.ndim == 2 and w_h.shape[1] == gates * hidden and xg.ndim == 3 and xg.shape[-1] == gates * hidden
+            and all(s.shape == (xg.shape[1], hidden) for s in states)):
+        raise ValueError(f"{name} expects a recurrent kernel (H, {gates}H), projected inputs (time, batch, {gates}H) "
+                         f"and states (batch, H); got kernel {tuple(w_h.shape)}, inputs {tuple(xg.shape)}, "
+                         f"states {', '.join(str(tuple(s.shape)) for s in states)}")
 
 
 def _instantiate(tangent, like):
@@ -138,7 +153,7 @@ def _lstm_scan_jvp(primals, tangents):
     return (hs_TxBxH, (c_BxH, h_BxH)), (dhs_TxBxH, (dc_BxH, dh_BxH))
 
 
-lstm_scan.defjvp(_lstm_scan_jvp, symbolic_zeros=True)
+_lstm_scan.defjvp(_lstm_scan_jvp, symbolic_zeros=True)
 
 
 class _SequenceLayer(nn.Module):
@@ -234,12 +249,19 @@ def _gru_step(w_h, b_hn, h_BxH, xg_Bx3H, *, coefficients: bool):
     return h2_BxH, (h2_BxH, (cn * r * (1 - r) * q, z * (1 - z) * (h_BxH - n), cn, cn * r, 1 - z, z))
 
 
-@jax.custom_jvp
 def gru_scan(w_h, b_hn, xg_TxBx3H, h0_BxH):
     """The GRU recurrence over time-major projected inputs xg = x W_x + b_x; returns the hidden
     states (T, B, H). Its JVP is `lstm_scan`'s construction for the GRU: the recurrent kernel's
     and bias's tangents enter as one product outside the time loop (their gradients are one
     matmul and one sum after it), the loop multiplies by six saved per-step factors."""
+    _expect_recurrence("gru_scan", 3, w_h, xg_TxBx3H, h0_BxH)
+    if b_hn.shape != (w_h.shape[0],):
+        raise ValueError(f"gru_scan expects recurrent_bias_n ({w_h.shape[0]},), got {tuple(b_hn.shape)}")
+    return _gru_scan(w_h, b_hn, xg_TxBx3H, h0_BxH)
+
+
+@jax.custom_jvp
+def _gru_scan(w_h, b_hn, xg_TxBx3H, h0_BxH):
     _, hs_TxBxH = jax.lax.scan(functools.partial(_gru_step, w_h, b_hn, coefficients=False), h0_BxH, xg_TxBx3H)
     return hs_TxBxH
 
@@ -270,7 +292,7 @@ def _gru_scan_jvp(primals, tangents):
     return hs_TxBxH, dhs_TxBxH
 
 
-gru_scan.defjvp(_gru_scan_jvp, symbolic_zeros=True)
+_gru_scan.defjvp(_gru_scan_jvp, symbolic_zeros=True)
 
 
 class GRU(_SequenceLayer):

@@ -13,8 +13,8 @@ free, so there and on jaxlib >= 0.11 it is a plain `x @ w`.
 
 Not for scan bodies: there the copy becomes a stacked residual of the loop (a scanned 4-layer
 GPT step took 1.18x as long; the LSTM cell's matmuls gained nothing), so TransformerStack's
-scanned layers and the recurrent cells keep plain matmuls. `rnn.LSTM` instead takes its input
-projection and both kernel gradients out of the time loop, and those use it.
+scanned layers and the recurrent cells keep plain matmuls. `rnn.LSTM` and `rnn.GRU` instead
+take their input projections and kernel gradients out of the time loop, and those use it.
 
 `Dense` is `flax.linen.Dense` with this matmul: same parameters, names and initialisers.
 A `custom_jvp` (not `custom_vjp`), so forward mode (`jax.jvp`, `jax.hessian`) works too.
@@ -63,7 +63,7 @@ def _matmul_jvp(primals, tangents):
 def weight_tangent(x, dw):
     """x (..., K) @ dw (K, N) for a weight tangent dw. Linear in dw; on jaxlib 0.10's CPU its
     transpose, the kernel gradient x^T @ ct, contracts a row-major copy (see the module doc).
-    Shared by `matmul`'s JVP and the LSTM layer's (`jaxml.models.rnn`)."""
+    Shared by `matmul`'s JVP and the recurrent layers' (`rnn.lstm_scan`, `rnn.gru_scan`)."""
     rows = _as_rows(x)
     if COPY_TRANSPOSED_OPERAND:
         out = jax.lax.platform_dependent(rows, dw, cpu=_x_dw_cpu, default=jnp.matmul)

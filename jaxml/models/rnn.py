@@ -317,12 +317,17 @@ def _per_gate(init, gates: int):
     return initializer
 
 
+_KINDS = {"lstm": (LSTMCell, LSTM), "gru": (GRUCell, GRU)}  # kind -> (cell, whole-sequence layer)
+
+
+def _kind(kind: str):
+    if kind not in _KINDS:
+        raise ValueError(f"unknown cell {kind!r}; expected 'lstm' or 'gru'")
+    return _KINDS[kind]
+
+
 def make_cell(kind: str, features: int, dtype=jnp.float32, name: str | None = None) -> nn.RNNCellBase:
-    if kind == "lstm":
-        return LSTMCell(features, dtype, name=name)
-    elif kind == "gru":
-        return GRUCell(features, dtype, name=name)
-    raise ValueError(f"unknown cell {kind!r}; expected 'lstm' or 'gru'")
+    return _kind(kind)[0](features, dtype, name=name)
 
 
 class RNNStack(nn.Module):
@@ -341,23 +346,18 @@ class RNNStack(nn.Module):
         _checks.expect(self, x_BxTxC, "(batch, time, features)", "float", "inputs")
         if lengths_B is not None:
             _checks.expect(self, lengths_B, "(batch,)", "int", "lengths", {"batch": x_BxTxC.shape[0]})
-        if self.cell not in _LAYERS:
-            raise ValueError(f"unknown cell {self.cell!r}; expected 'lstm' or 'gru'")
-        layer_cls, cell_name = _LAYERS[self.cell]
+        cell_cls, layer_cls = _kind(self.cell)
         directions = (False, True) if self.bidirectional else (False,)
         x = jnp.swapaxes(x_BxTxC, 0, 1)  # the layers run time-major: (T, B, F)
         for i in range(self.num_layers):
             # Named as the cells of the nn.RNN form were (LSTMCell_0, ...), so checkpoints keep loading.
             outputs = [layer_cls(self.hidden, self.dtype, reverse=reverse, time_major=True,
-                                 name=f"{cell_name}_{len(directions) * i + reverse}")(x, seq_lengths=lengths_B)
+                                 name=f"{cell_cls.__name__}_{len(directions) * i + reverse}")(x, seq_lengths=lengths_B)
                        for reverse in directions]
             x = jnp.concatenate(outputs, -1) if len(outputs) > 1 else outputs[0]
             if i < self.num_layers - 1:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return jnp.swapaxes(x, 0, 1)
-
-
-_LAYERS = {"lstm": (LSTM, "LSTMCell"), "gru": (GRU, "GRUCell")}
 
 
 class CharRNNLM(nn.Module):

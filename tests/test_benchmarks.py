@@ -101,3 +101,31 @@ def test_remat_rows_trade_memory_for_recompute_and_are_plotted(tmp_path):
                        "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
            "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": curves}
     assert "| gpt quick | remat full, scan |" in run.markdown(out)
+
+
+@pytest.mark.parametrize("name", ["cnn", "gpt", "lstm", "unet"])
+def test_data_parallel_train_step_moves_no_activations_between_devices(name):
+    """The engine's train step on 8 devices, batch sharded: gradients are reduced (all-reduce) and
+    nothing else crosses devices. On jaxlib 0.10, dense.matmul's layout-constrained kernel-gradient
+    copy made XLA gather every Dense layer's activations to every device (1-9 all-gathers a step
+    in every family) until it was limited to one device."""
+    import functools
+
+    import numpy as np
+
+    from jaxml.train import parallel
+
+    w = families.workload(name, quick=True)
+    batch_size = 2 * jax.device_count()
+    w.config.data.batch_size = batch_size
+    batch = jax.tree.map(lambda a: np.resize(np.asarray(a), (batch_size,) + np.shape(a)[1:]), w.batch)
+    placement = parallel.setup(w.config.parallel, init_fn=functools.partial(w.experiment.init, w.config),
+                               train_step=functools.partial(w.experiment.train_step, w.config), eval_step=None,
+                               example_batch=batch, global_batch_size=batch_size, devices=jax.devices())
+    assert dict(placement.mesh.shape)["data"] == jax.device_count() > 1
+    key = jax.random.key(0)
+    state = placement.init(key, batch)
+    hlo = placement.train_step.lower(state, placement.place_batch(batch), key).compile().as_text()
+    moved = {op: hlo.count(op + "(") for op in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")}
+    assert not any(moved.values()), moved
+    assert "all-reduce(" in hlo

@@ -16,8 +16,9 @@ from jaxml.models import dense, transformer
 
 @pytest.fixture
 def copy_on(monkeypatch):
-    """The CPU rewrite, whichever jaxlib is installed (it is read when a function is traced)."""
-    monkeypatch.setattr(dense, "COPY_TRANSPOSED_OPERAND", True)
+    """The CPU rewrite, whichever jaxlib is installed and however many devices (it is read when a
+    function is traced)."""
+    monkeypatch.setattr(dense, "copies_transposed_operand", lambda: True)
 
 
 def _loss(mm):
@@ -101,7 +102,7 @@ def _kernel_gradient_hlo(mm, k, n):
 
 
 @pytest.mark.parametrize("k,n", [(128, 512), (512, 128)])
-def test_kernel_gradient_leaves_eigen_where_the_copy_is_on(k, n):
+def test_kernel_gradient_leaves_eigen_where_the_copy_is_on(k, n, monkeypatch):
     plain = _eigen_dots(_kernel_gradient_hlo(jnp.matmul, k, n))
     if runtime.jaxlib_version() >= (0, 11):
         # Why the copy is off there: XLA:CPU already runs the folded x^T @ dy on YNNPACK.
@@ -110,7 +111,25 @@ def test_kernel_gradient_leaves_eigen_where_the_copy_is_on(k, n):
         return
     assert dense.COPY_TRANSPOSED_OPERAND
     assert len(plain) == 1  # x^T @ dy, folded: Eigen
+    assert not dense.copies_transposed_operand()  # tests run on 8 devices (see the sharding test below)
+    monkeypatch.setattr(dense, "copies_transposed_operand", lambda: True)  # as with one device
     assert _eigen_dots(_kernel_gradient_hlo(dense.matmul, k, n)) == []
+
+
+def test_a_data_sharded_batch_is_not_gathered_to_every_device():
+    """With several devices the kernel gradient is per-device partial products and an all-reduce:
+    no all-gather of x (the layout-constrained copy would replicate it), for 2-D and time-major
+    3-D inputs (the recurrent layers' input projections, batch on axis 1)."""
+    assert jax.device_count() > 1
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    for x_shape, spec in [((64, 24), jax.P("data")), ((5, 16, 24), jax.P(None, "data"))]:
+        for n in (16, 32):
+            for mm in (dense.matmul, dense.weight_tangent):  # the layers' and the recurrent scans' form
+                x, w = jnp.ones(x_shape), jnp.ones((24, n))
+                sharded = jax.device_put(x, jax.NamedSharding(mesh, spec))
+                f = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(mm(x, w))), (0, 1)))
+                hlo = f.lower(w, sharded).compile().as_text()
+                assert "all-gather" not in hlo and "all-reduce" in hlo, (x_shape, n, mm.__name__)
 
 
 def test_other_backends_get_a_plain_matmul(copy_on):

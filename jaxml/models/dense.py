@@ -9,7 +9,8 @@ the narrower of x and dy into a row-major transpose (a layout constraint keeps X
 folding it back) and contracts it in the form YNNPACK takes: train steps 0.85x (GPT),
 0.91x (ViT), 0.95x (CNN) on jax 0.10.2. jaxlib >= 0.11's YNNPACK takes the folded dot
 itself (the copy made the CNN 1.06x slower on 0.12.1), and other backends transpose for
-free, so there and on jaxlib >= 0.11 it is a plain `x @ w`.
+free, so there and on jaxlib >= 0.11 it is a plain `x @ w`; with more than one device too
+(a layout constraint on a data-sharded operand would all-gather it: `copies_transposed_operand`).
 
 Not for scan bodies: there the copy becomes a stacked residual of the loop (a scanned 4-layer
 GPT step took 1.18x as long; the LSTM cell's matmuls gained nothing), so TransformerStack's
@@ -34,13 +35,17 @@ from jaxml import runtime
 COPY_TRANSPOSED_OPERAND = runtime.jaxlib_version() < (0, 11)
 
 
+def copies_transposed_operand() -> bool:
+    """Whether `matmul`'s kernel gradient copies a transposed operand (read when a function is
+    traced): on jaxlib < 0.11 with a single device. With several, XLA's partitioner replicates
+    a layout-constrained operand, so a data-sharded x would be all-gathered to every device and
+    each would compute the whole kernel gradient (found 2026-12-06 with 8 CPU devices)."""
+    return COPY_TRANSPOSED_OPERAND and jax.device_count() == 1
+
+
 def _row_major(a):
     """`a` materialised row-major: XLA cannot fold a transpose through it into a dot."""
     return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
-
-
-def _as_rows(x):
-    return x.reshape(-1, x.shape[-1])
 
 
 @jax.custom_jvp
@@ -64,12 +69,14 @@ def weight_tangent(x, dw):
     """x (..., K) @ dw (K, N) for a weight tangent dw. Linear in dw; on jaxlib 0.10's CPU its
     transpose, the kernel gradient x^T @ ct, contracts a row-major copy (see the module doc).
     Shared by `matmul`'s JVP and the recurrent layers' (`rnn.lstm_scan`, `rnn.gru_scan`)."""
-    rows = _as_rows(x)
-    if COPY_TRANSPOSED_OPERAND:
+    if copies_transposed_operand():  # one device: as rows, the form XLA:CPU 0.10 runs fastest
+        rows = x.reshape(-1, x.shape[-1])
         out = jax.lax.platform_dependent(rows, dw, cpu=_x_dw_cpu, default=jnp.matmul)
-    else:
-        out = rows @ dw
-    return out.reshape(x.shape[:-1] + (dw.shape[-1],))
+        return out.reshape(x.shape[:-1] + (dw.shape[-1],))
+    # x's leading axes stay axes: the kernel gradient contracts over all of them, so a batch
+    # sharded on any of them (the recurrent layers' inputs are time-major, the batch second)
+    # gives per-device partial products and an all-reduce, not an all-gather of x.
+    return x @ dw
 
 
 def _x_dw_cpu(x_MxK, dw_KxN):
@@ -90,7 +97,7 @@ def matmul(x, w):
     """x (..., K) @ w (K, N); on jaxlib 0.10's CPU its kernel gradient contracts a row-major copy."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"matmul: expected x (..., K) and w (K, N); got x {x.shape}, w {w.shape}")
-    if COPY_TRANSPOSED_OPERAND and x.ndim >= 2 and x.dtype == w.dtype:
+    if copies_transposed_operand() and x.ndim >= 2 and x.dtype == w.dtype:
         return _matmul(x, w)
     return x @ w
 

@@ -46,7 +46,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         task="lm",  # lm | classify
         cell="lstm",  # lstm | gru
         embed=64, hidden=256, num_layers=2, bidirectional=False, dropout=0.0, num_classes=len(text.MODULE_CLASSES),
-        dtype="float32"))
+        dtype="float32",
+        # The forward time loop's interleaved row blocks (rnn.lstm_scan); None: by backend and size
+        # (2 on CPU for batches up to 32 at ~256 hidden units, this LM's default).
+        row_blocks=ml_collections.config_dict.placeholder(int)))
     c.data.name = "text_windows/pystdlib_64"
     c.data.eval_split = "validation"
     c.data.batch_size = 32
@@ -87,10 +90,10 @@ def model(config):
     m = config.model
     if m.task == "lm":
         return rnn.CharRNNLM(text.VOCAB_SIZE, m.embed, m.hidden, m.num_layers, m.cell, m.dropout,
-                             config_lib.dtype(m.dtype))
+                             config_lib.dtype(m.dtype), m.row_blocks)
     elif m.task == "classify":
         return rnn.RNNClassifier(m.num_classes, text.VOCAB_SIZE, m.embed, m.hidden, m.num_layers, m.bidirectional,
-                                 m.cell, m.dropout, config_lib.dtype(m.dtype))
+                                 m.cell, m.dropout, config_lib.dtype(m.dtype), m.row_blocks)
     raise ValueError(f"model.task must be 'lm' or 'classify', got {m.task!r}")
 
 

@@ -105,11 +105,11 @@ def test_rnn_stack_rejects_an_unknown_cell():
         rnn.RNNStack("rnn", 4).init(jax.random.key(0), jnp.ones((2, 3, 5)))
 
 
-def _layer_and_reference(kind, reverse):
-    x = jax.random.normal(jax.random.key(0), (3, 7, 5))
-    lengths = jnp.array([7, 3, 5])
+def _layer_and_reference(kind, reverse, row_blocks=1):
+    x = jax.random.normal(jax.random.key(0), (6, 7, 5))  # batch 6: no per-step array has a kernel's shape
+    lengths = jnp.array([7, 3, 5, 6, 2, 7])
     layer_cls, cell_cls = _KINDS[kind]
-    layer = layer_cls(4, reverse=reverse)
+    layer = layer_cls(4, reverse=reverse, row_blocks=row_blocks)
     params = layer.init(jax.random.key(1), x, lengths)["params"]
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # biases != 0
     ref = nn.RNN(cell_cls(4), reverse=reverse, keep_order=True)
@@ -119,11 +119,11 @@ def _layer_and_reference(kind, reverse):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(kind, reverse):
-    f, g, params, x = _layer_and_reference(kind, reverse)
+@pytest.mark.parametrize("reverse,row_blocks", [(False, 1), (True, 1), (False, 2), (True, 3)])
+def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(kind, reverse, row_blocks):
+    f, g, params, x = _layer_and_reference(kind, reverse, row_blocks)
     np.testing.assert_allclose(f(params, x), g(params, x), rtol=1e-5, atol=1e-6)
-    target = jax.random.normal(jax.random.key(3), (3, 7, 4))
+    target = jax.random.normal(jax.random.key(3), (6, 7, 4))
     loss = lambda fn: (lambda p, x: jnp.sum((fn(p, x) - target) ** 2 * jnp.arange(1, 8)[:, None]))
     grads, grads_ref = jax.grad(loss(f), (0, 1))(params, x), jax.grad(loss(g), (0, 1))(params, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, grads_ref)
@@ -196,3 +196,73 @@ def test_scans_name_the_shapes_they_expected_and_got():
         rnn.gru_scan(w_h3, jnp.zeros(4), xg3, h[:2])
     with pytest.raises(ValueError, match=r"recurrent_bias_n \(4,\), got \(3,\)"):
         rnn.gru_scan(w_h3, jnp.zeros(3), xg3, h)
+
+
+def _forward_loop_dots(layer, batch):
+    """dot_generals in the body of the forward time loop of `layer` over a (batch, 5, 3) input."""
+    x = jnp.ones((batch, 5, 3))
+    params = layer.init(jax.random.key(0), x)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: layer.apply({"params": p}, x))(params).jaxpr
+    scans = []
+
+    def visit(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "scan":
+                scans.append(eqn.params["jaxpr"].jaxpr)
+            for value in eqn.params.values():
+                sub = getattr(value, "jaxpr", value)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    visit(sub)
+
+    visit(jaxpr)
+    assert len(scans) == 1, scans
+    return sum(eqn.primitive.name == "dot_general" for eqn in scans[0].eqns)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_row_blocks_default_to_two_on_cpu_where_they_measured_faster(kind):
+    """On CPU with two or more cores, even batches of 2-32 at 192-384 hidden units run the forward
+    loop as two row blocks (two matmuls per step), other sizes as one; an explicit count applies
+    where it divides the batch."""
+    layer_cls = _KINDS[kind][0]
+    assert jax.default_backend() == "cpu"
+    two = 2 if len(__import__("os").sched_getaffinity(0)) >= 2 else 1
+    assert _forward_loop_dots(layer_cls(256), 32) == two
+    assert _forward_loop_dots(layer_cls(256), 2) == two
+    assert _forward_loop_dots(layer_cls(256), 64) == 1
+    assert _forward_loop_dots(layer_cls(256), 31) == 1
+    assert _forward_loop_dots(layer_cls(128), 32) == 1
+    assert _forward_loop_dots(layer_cls(512), 8) == 1
+    assert _forward_loop_dots(layer_cls(256, row_blocks=1), 32) == 1
+    assert _forward_loop_dots(layer_cls(4, row_blocks=4), 64) == 4
+    assert _forward_loop_dots(rnn.RNNStack(kind, 4, row_blocks=3), 6) == 3  # RNNStack passes it on
+    assert _forward_loop_dots(layer_cls(4, row_blocks=4), 6) == 1  # a batch it does not divide: one block
+
+
+def test_row_blocks_must_be_a_positive_count():
+    w_h, xg, h = jnp.zeros((4, 16)), jnp.zeros((7, 6, 16)), jnp.zeros((6, 4))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"lstm_scan: row_blocks must be None or a positive integer, "
+                                             rf"got {bad}"):
+            rnn.lstm_scan(w_h, xg, h, h, row_blocks=bad)
+    with pytest.raises(ValueError, match=r"gru_scan: row_blocks must be None or a positive integer, got 0"):
+        rnn.gru_scan(jnp.zeros((4, 12)), jnp.zeros(4), jnp.zeros((7, 6, 12)), h, row_blocks=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_row_blocks_keep_a_data_sharded_batch_on_its_devices(kind):
+    """Row blocks interleave rows, so a batch sharded over devices in contiguous chunks moves no row
+    between devices (no all-gather, all-to-all or permute in the step), and the gradients are
+    those of the unsharded layer."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = 2 * jax.device_count()
+    x = jax.random.normal(jax.random.key(0), (batch, 6, 3))
+    layer = _KINDS[kind][0](8, row_blocks=2)
+    params = layer.init(jax.random.key(1), x)["params"]
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) ** 2), (0, 1)))
+    sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
+    hlo = grad.lower(params, sharded).compile().as_text()
+    moved = [op for op in ("all-gather", "all-to-all", "collective-permute") if op in hlo]
+    assert not moved, moved
+    expected = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) ** 2), (0, 1)))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(params, sharded), expected)

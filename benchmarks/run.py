@@ -64,6 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="leave XLA:CPU's convolutions where the installed jaxlib puts them (by default, as the CLI "
                          "does, jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen: "
                          "jaxml.runtime.multithreaded_convolutions)")
+    ap.add_argument("--no-unrolled-threefry", action="store_true",
+                    help="keep JAX's rolled threefry loop on CPU (by default, as the CLI does, the hash is lowered "
+                         "unrolled, as on GPU/TPU: jaxml.runtime.unrolled_threefry)")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
     args = ap.parse_args(argv)
@@ -98,6 +101,7 @@ def main(argv=None) -> dict:
 
     malloc_note = runtime.keep_host_memory(not args.no_keep_host_memory)
     runtime.multithreaded_convolutions(not args.no_multithreaded_convolutions)
+    threefry_note = runtime.unrolled_threefry(not args.no_unrolled_threefry)
     import jax
 
     from benchmarks import families, measure, scaling
@@ -121,7 +125,7 @@ def main(argv=None) -> dict:
                     "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
                     "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": malloc_note or "glibc default",
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "threefry": threefry_note,
                     "load_avg_start": _load()},
         "settings": {"quick": args.quick, "windows": args.windows, "window_s": args.window_s, "dtype": dtype,
                      "note": FLAGS_NOTE},
@@ -383,7 +387,7 @@ def markdown(out: dict) -> str:
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
              f"jax {m['jax']}, Python {m['python']}; {m['torch']}{omp}; malloc: {m.get('malloc', 'glibc default')}"
-             f"{xla_flags}. Peak "
+             f"{xla_flags}{'; ' + m['threefry'] if m.get('threefry') else ''}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",
              "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "

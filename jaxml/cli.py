@@ -66,6 +66,9 @@ def _define_launch_flags() -> None:
     flags.DEFINE_bool("multithreaded_convolutions", True, "Run XLA:CPU's convolutions on all cores (Eigen) where "
                       "the installed jaxlib runs each on one thread (YNNPACK in jaxlib 0.10; "
                       "jaxml.runtime.multithreaded_convolutions).")
+    flags.DEFINE_bool("unrolled_threefry", True, "Lower jax.random's threefry hash on CPU without its rolled "
+                      "loop, as on GPU/TPU: the same random bits, fewer tiny kernels per step "
+                      "(jaxml.runtime.unrolled_threefry).")
     flags.DEFINE_bool("preflight", False, "Compile the train step for --topology without that hardware, print "
                       "per-device memory, FLOPs per step and compile time, and exit.")
     flags.DEFINE_string("topology", "cpu:8", "Target of --preflight, e.g. v5e-16, v4-32, 8xH100, cpu:8.")
@@ -78,6 +81,7 @@ def _start_jax(experiment: types.ModuleType) -> bool:
 
     runtime.keep_host_memory(FLAGS.keep_host_memory)
     runtime.multithreaded_convolutions(FLAGS.multithreaded_convolutions)
+    runtime.unrolled_threefry(FLAGS.unrolled_threefry)
     if FLAGS.preflight:
         from jaxml import preflight
 

@@ -27,6 +27,7 @@ from jaxml import runtime  # noqa: E402
 # As the CLI does, before the backend starts (pytest_configure below starts it).
 runtime.keep_host_memory()
 runtime.multithreaded_convolutions()
+runtime.unrolled_threefry()
 
 
 def pytest_configure(config):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 from jaxml import runtime
@@ -117,3 +118,25 @@ def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
         finally:
             os.environ["XLA_FLAGS"] = saved
         assert any("after JAX started" in str(w.message) for w in caught)
+
+
+def test_unrolled_threefry_keeps_the_random_bits_and_drops_the_loops():
+    """conftest calls it as the CLI does; JAX's own CPU lowering (enabled=False) rolls the hash into while loops."""
+    import jax
+
+    def draw():  # a new function each time: jit caches lowered programs per function
+        return jax.jit(lambda key: (jax.random.normal(key, (64,)), jax.random.bernoulli(jax.random.split(key)[1],
+                                                                                      0.5, (8, 8))))
+
+    key = jax.random.key(3)
+    try:
+        assert runtime.unrolled_threefry(False) == "threefry rolled on CPU (JAX's default)"
+        rolled_fn = draw()
+        assert " while(" in rolled_fn.lower(key).compile().as_text()
+        rolled = rolled_fn(key)
+    finally:
+        assert runtime.unrolled_threefry() == "threefry unrolled on CPU"  # the installed JAX still has the hook
+    unrolled_fn = draw()
+    assert " while(" not in unrolled_fn.lower(key).compile().as_text()
+    for a, b in zip(rolled, unrolled_fn(key)):
+        np.testing.assert_array_equal(a, b)

@@ -35,7 +35,7 @@ def _auto_row_blocks(batch: int, hidden: int) -> int:
     for an even batch of 2-32 and a hidden size of 192-384, else 1: where two blocks measured
     faster. On 2 cores (2026-12-06, jax 0.10.2), a train step of the char LM (2 layers, context
     64) with two blocks against one: hidden 256 at batch 8 / 16 / 32 / 64 / 128: 0.95x / 0.90x /
-    0.90-0.94x / 1.0x / 1.0x (0.90x on jax 0.12.1; GRU cells 0.89-0.94x); hidden 128: 0.97x (GRU
+    0.92-0.94x / 1.0x / 1.0x (0.90x on jax 0.12.1; GRU cells 0.89-0.94x); hidden 128: 0.97x (GRU
     0.99x); hidden 512: 1.01x at batch 32, 1.04x at 8; the 64- and 128-wide biLSTM classifiers
     (context 128): 1.04x, 1.01x. Accelerators keep one block (two kernels per step for one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,5 +1,7 @@
 """RNN: fused cells == Flax's reference cells, masking ignores padding, stack/bidirectional shapes, heads."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,7 +228,7 @@ def test_row_blocks_default_to_two_on_cpu_where_they_measured_faster(kind):
     where it divides the batch."""
     layer_cls = _KINDS[kind][0]
     assert jax.default_backend() == "cpu"
-    two = 2 if len(__import__("os").sched_getaffinity(0)) >= 2 else 1
+    two = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
     assert _forward_loop_dots(layer_cls(256), 32) == two
     assert _forward_loop_dots(layer_cls(256), 2) == two
     assert _forward_loop_dots(layer_cls(256), 64) == 1

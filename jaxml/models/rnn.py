@@ -10,9 +10,9 @@ recurrent weights' gradients after the time loop, not as a per-step accumulation
 (see `lstm_scan`). On CPU, for batches of up to 32 and ~256 hidden units, the forward time loop
 runs the batch as two interleaved row blocks per step (`row_blocks`), so that two cores each
 take one block's matmul and gate arithmetic instead of sharing one small matmul and then
-idling through the gate arithmetic. With `seq_lengths`, the backward direction reverses only each sequence's
-real steps (as `nn.RNN(reverse=True, keep_order=True)`); outputs at padded steps are not
-meaningful, and the heads mask them.
+idling through the gate arithmetic. With `seq_lengths`, the backward direction reverses only
+each sequence's real steps (as `nn.RNN(reverse=True, keep_order=True)`); outputs at padded
+steps are not meaningful, and the heads mask them.
 """
 
 import functools
@@ -147,9 +147,8 @@ def lstm_scan(w_h, xg_TxBx4H, c0_BxH, h0_BxH, *, row_blocks: int | None = None):
     pre-transposed kernel, so the backward loop is one plain matmul and a few elementwise
     products per step. Forward mode (`jax.jvp`, Hessian-vector products) works as well.
     `row_blocks` (None: 2 on CPU for batches up to 32 at ~256 hidden units, else 1; see
-    `_auto_row_blocks`) splits
-    the forward loop's batch, where it divides it, into that many interleaved row blocks
-    computed side by side; the result is the same function.
+    `_auto_row_blocks`) splits the forward loop's batch, where it divides it, into that many
+    interleaved row blocks computed side by side; the result is the same function.
     """
     _expect_recurrence("lstm_scan", 4, w_h, xg_TxBx4H, c0_BxH, h0_BxH)
     return _lstm_scan(_resolve_row_blocks("lstm_scan", row_blocks, *c0_BxH.shape), w_h, xg_TxBx4H, c0_BxH, h0_BxH)

@@ -1,8 +1,10 @@
 """Process-wide JAX setup the entry points do once: multi-host initialisation, the
 persistent compilation cache (launch/README.md explains both), how the host's allocator
-keeps freed memory and which library runs XLA:CPU's convolutions.
+keeps freed memory, which library runs XLA:CPU's convolutions, and how jax.random's hash is
+lowered on CPU.
 
-All must run before the first computation; `cli.main` calls them right after parsing
+All must run before the first computation (the hash's lowering: before the programs it
+should apply to are traced); `cli.main` calls them right after parsing
 flags, a notebook may call them in its first cell.
 """
 

@@ -1,5 +1,6 @@
-"""jaxml.runtime: kept host memory (XLA:CPU's per-step temporaries stop being page-faulted in again) and
-multithreaded convolutions (jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen)."""
+"""jaxml.runtime: kept host memory (XLA:CPU's per-step temporaries stop being page-faulted in again),
+multithreaded convolutions (jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen) and
+threefry unrolled on CPU (the same random bits without the rolled loop)."""
 
 import os
 import platform

@@ -139,6 +139,28 @@ def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), hvp, hvp_ref)
 
 
+def _gradient_scans(fn, params, x):
+    """(carry shapes, per-step output shapes) of each scan in the jaxpr of fn's gradient, in order."""
+    closed = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if isinstance(sub, jax.extend.core.Jaxpr):
+                        if eqn.primitive.name == "scan":  # the body's outputs: carries, then per-step outputs
+                            # (a carry leaves the scan in its own shape, a per-step output stacked)
+                            shapes = [tuple(v.aval.shape) for v in sub.outvars]
+                            carries = sum(tuple(v.aval.shape) == shape for v, shape in zip(eqn.outvars, shapes))
+                            found.append((shapes[:carries], shapes[carries:]))
+                        visit(sub)
+
+    visit(closed.jaxpr)
+    return found
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_recurrent_weight_gradients_are_not_accumulated_inside_the_time_loop(kind):
     """The kernel gradients are one matmul after the loop: no scan of the backward pass returns
@@ -148,26 +170,33 @@ def test_recurrent_weight_gradients_are_not_accumulated_inside_the_time_loop(kin
     gates = {"lstm": 4, "gru": 3}[kind]
     assert weight_shapes == {(5, gates * 4), (4, gates * 4)}
 
-    def scan_outputs(fn):
-        closed = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
-        found = []
-
-        def visit(jaxpr):
-            for eqn in jaxpr.eqns:
-                for value in eqn.params.values():
-                    for sub in value if isinstance(value, (tuple, list)) else (value,):
-                        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                        if isinstance(sub, jax.extend.core.Jaxpr):
-                            if eqn.primitive.name == "scan":  # the body's outputs: carries, then per-step outputs
-                                found.extend(tuple(v.aval.shape) for v in sub.outvars)
-                            visit(sub)
-
-        visit(closed.jaxpr)
-        return found
-
-    ours, ref = scan_outputs(f), scan_outputs(g)
+    ours, ref = ([shape for carries, ys in _gradient_scans(fn, params, x) for shape in carries + ys] for fn in (f, g))
     assert ours and not weight_shapes & set(ours), ours
     assert weight_shapes <= set(ref), ref  # the check sees what it looks for
+
+
+@pytest.mark.parametrize("kind,saved", [("lstm", [(6, 4), (6, 16), (6, 4)]), ("gru", [(6, 4), (6, 8), (6, 4), (6, 4)])])
+def test_the_forward_loop_saves_activations_and_the_tangent_factors_are_computed_after_it(kind, saved):
+    """Per step, the gradient's forward time loop saves the hidden state and the activations
+    (LSTM: h, i f g o, c; GRU: h, r z, h W_hn + b_hn, n), not the tangent step's six factors:
+    those are computed after the loop for all steps at once, which keeps the loop's ops few
+    (7 per-step arrays when they were computed in it); the backward loop is the second scan."""
+    f, _, params, x = _layer_and_reference(kind, False)
+    (forward_carries, forward_saved), (backward_carries, _) = _gradient_scans(f, params, x)
+    assert forward_saved == saved
+    assert forward_carries == backward_carries == [(6, 4)] * len(forward_carries)
+
+
+def test_gate_activations_are_sigmoid_and_tanh_to_float32_precision():
+    """One op for the four gates' activations (sigmoid through tanh): within 3e-7 of float64
+    sigmoid on the i, f, o lanes and tanh on the g lanes, over and beyond the range they saturate
+    in (XLA's own float32 tanh is off by up to 2.3e-7, its sigmoid by 0.9e-7)."""
+    x = np.linspace(-40, 40, 8 * 4000, dtype=np.float32).reshape(8, 4 * 1000)
+    act = np.asarray(jax.jit(rnn._lstm_activations)(x), np.float64).reshape(8, 4, 1000)
+    x64 = x.astype(np.float64).reshape(8, 4, 1000)
+    expected = 1 / (1 + np.exp(-x64))
+    expected[:, 2] = np.tanh(x64[:, 2])
+    np.testing.assert_allclose(act, expected, rtol=0, atol=3e-7)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

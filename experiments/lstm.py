@@ -49,7 +49,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
         # The forward time loop's interleaved row blocks (rnn.lstm_scan); None: by backend and size
         # (2 on CPU for batches up to 32 at ~256 hidden units, this LM's default).
-        row_blocks=ml_collections.config_dict.placeholder(int)))
+        row_blocks=ml_collections.config_dict.placeholder(int),
+        # Each layer's consecutive time chunks (rnn.LSTM); None: by backend and size (2 on CPU).
+        time_chunks=ml_collections.config_dict.placeholder(int)))
     c.data.name = "text_windows/pystdlib_64"
     c.data.eval_split = "validation"
     c.data.batch_size = 32
@@ -90,10 +92,10 @@ def model(config):
     m = config.model
     if m.task == "lm":
         return rnn.CharRNNLM(text.VOCAB_SIZE, m.embed, m.hidden, m.num_layers, m.cell, m.dropout,
-                             config_lib.dtype(m.dtype), m.row_blocks)
+                             config_lib.dtype(m.dtype), m.row_blocks, m.time_chunks)
     elif m.task == "classify":
         return rnn.RNNClassifier(m.num_classes, text.VOCAB_SIZE, m.embed, m.hidden, m.num_layers, m.bidirectional,
-                                 m.cell, m.dropout, config_lib.dtype(m.dtype), m.row_blocks)
+                                 m.cell, m.dropout, config_lib.dtype(m.dtype), m.row_blocks, m.time_chunks)
     raise ValueError(f"model.task must be 'lm' or 'classify', got {m.task!r}")
 
 

@@ -107,11 +107,11 @@ def test_rnn_stack_rejects_an_unknown_cell():
         rnn.RNNStack("rnn", 4).init(jax.random.key(0), jnp.ones((2, 3, 5)))
 
 
-def _layer_and_reference(kind, reverse, row_blocks=1):
+def _layer_and_reference(kind, reverse, row_blocks=1, time_chunks=1):
     x = jax.random.normal(jax.random.key(0), (6, 7, 5))  # batch 6: no per-step array has a kernel's shape
     lengths = jnp.array([7, 3, 5, 6, 2, 7])
     layer_cls, cell_cls = _KINDS[kind]
-    layer = layer_cls(4, reverse=reverse, row_blocks=row_blocks)
+    layer = layer_cls(4, reverse=reverse, row_blocks=row_blocks, time_chunks=time_chunks)
     params = layer.init(jax.random.key(1), x, lengths)["params"]
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)  # biases != 0
     ref = nn.RNN(cell_cls(4), reverse=reverse, keep_order=True)
@@ -121,9 +121,11 @@ def _layer_and_reference(kind, reverse, row_blocks=1):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("reverse,row_blocks", [(False, 1), (True, 1), (False, 2), (True, 3)])
-def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(kind, reverse, row_blocks):
-    f, g, params, x = _layer_and_reference(kind, reverse, row_blocks)
+@pytest.mark.parametrize("reverse,row_blocks,time_chunks", [(False, 1, 1), (True, 1, 1), (False, 2, 1), (True, 3, 1),
+                                                         (False, 1, 3), (True, 2, 2)])
+def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell(kind, reverse, row_blocks,
+                                                                                  time_chunks):
+    f, g, params, x = _layer_and_reference(kind, reverse, row_blocks, time_chunks)
     np.testing.assert_allclose(f(params, x), g(params, x), rtol=1e-5, atol=1e-6)
     target = jax.random.normal(jax.random.key(3), (6, 7, 4))
     loss = lambda fn: (lambda p, x: jnp.sum((fn(p, x) - target) ** 2 * jnp.arange(1, 8)[:, None]))
@@ -268,6 +270,60 @@ def test_row_blocks_default_to_two_on_cpu_where_they_measured_faster(kind):
     assert _forward_loop_dots(layer_cls(4, row_blocks=4), 64) == 4
     assert _forward_loop_dots(rnn.RNNStack(kind, 4, row_blocks=3), 6) == 3  # RNNStack passes it on
     assert _forward_loop_dots(layer_cls(4, row_blocks=4), 6) == 1  # a batch it does not divide: one block
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those in sub-jaxprs (scan bodies, custom rules) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_time_chunks_run_consecutive_pieces_of_the_sequence(kind):
+    """`time_chunks` runs the time axis as that many consecutive pieces (lengths differing by at most
+    one), each its own time loop; None is 4 on CPU with two or more cores for 16 steps or more at
+    batches of 16 or more, else 1."""
+    layer_cls = _KINDS[kind][0]
+
+    def loop_lengths(layer, steps, batch=4):
+        x = jnp.ones((batch, steps, 3))
+        params = layer.init(jax.random.key(0), x)["params"]
+        jaxpr = jax.make_jaxpr(lambda p: layer.apply({"params": p}, x))(params).jaxpr
+        return [eqn.params["length"] for eqn in _eqns(jaxpr) if eqn.primitive.name == "scan"]
+
+    assert loop_lengths(layer_cls(4, time_chunks=3), 7) == [2, 3, 2]
+    assert loop_lengths(layer_cls(4, time_chunks=1), 64) == [64]
+    assert loop_lengths(layer_cls(4, time_chunks=9), 5) == [1] * 5  # at most one piece per step
+    assert loop_lengths(rnn.RNNStack(kind, 4, num_layers=2, time_chunks=2), 6) == [3, 3, 3, 3]  # passed on
+    assert jax.default_backend() == "cpu"
+    cores = len(os.sched_getaffinity(0))
+    assert loop_lengths(layer_cls(4), 64, batch=16) == ([16] * 4 if cores >= 2 else [64])
+    assert loop_lengths(layer_cls(4), 17, batch=32) == ([4, 4, 5, 4] if cores >= 2 else [17])
+    assert loop_lengths(layer_cls(4), 15, batch=16) == [15]
+    assert loop_lengths(layer_cls(4), 64, batch=8) == [64]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"{layer_cls.__name__}: time_chunks must be None or a positive "
+                                             rf"integer, got {bad}"):
+            loop_lengths(layer_cls(4, time_chunks=bad), 7)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_time_chunks_input_gradient_is_one_concatenate_of_the_pieces(kind):
+    """In reverse mode the pieces' input gradients are joined by one concatenate, not padded to the
+    whole sequence and added (a slice per piece transposes so), which would make the layer below
+    wait for every piece's gradient before its own backward loop could start."""
+    layer = _KINDS[kind][0](4, time_major=True, time_chunks=2)
+    x_TxBxC = jax.random.normal(jax.random.key(0), (8, 6, 5))
+    params = layer.init(jax.random.key(1), x_TxBxC)["params"]
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(layer.apply({"params": params}, x) ** 2)))(x_TxBxC).jaxpr
+    whole = [eqn.primitive.name for eqn in _eqns(jaxpr) if any(tuple(v.aval.shape) == x_TxBxC.shape
+                                                                 for v in eqn.outvars)]
+    assert "concatenate" in whole and "pad" not in whole, whole
 
 
 def test_row_blocks_must_be_a_positive_count():

@@ -1,18 +1,22 @@
 """Recurrent networks: fused LSTM and GRU cells, whole-sequence LSTM and GRU layers, stacked
 (optionally bidirectional) layers, LM and classifier heads.
 
-Shape letters: B batch, T time, C input features, H hidden, V vocabulary, K classes.
-The cells compute the same function as Flax's `nn.LSTMCell` / `nn.GRUCell` but with one
-matmul per input and per state for all gates (faster on every backend). `RNNStack` runs its
-layers with `LSTM` / `GRU`, which take a whole sequence: the input projection is one matmul
-over all time steps, and the recurrence's JVP is written so that reverse mode computes the
-recurrent weights' gradients after the time loop, not as a per-step accumulation inside it
-(see `lstm_scan`). On CPU, for batches of up to 32 and ~256 hidden units, the forward time loop
-runs the batch as two interleaved row blocks per step (`row_blocks`), so that two cores each
-take one block's matmul and gate arithmetic instead of sharing one small matmul and then
-idling through the gate arithmetic. With `seq_lengths`, the backward direction reverses only
-each sequence's real steps (as `nn.RNN(reverse=True, keep_order=True)`); outputs at padded
-steps are not meaningful, and the heads mask them.
+Shape letters: B batch, T time, C input features, H hidden, V vocabulary, K classes. The cells
+compute the same function as Flax's `nn.LSTMCell` / `nn.GRUCell` but with one matmul per input
+and per state for all gates (faster on every backend). `RNNStack` runs its layers with `LSTM` /
+`GRU`, which take a whole sequence: the input projection is one matmul over all time steps, and
+the recurrence's JVP is written so that reverse mode computes the recurrent weights' gradients
+after the time loop, not as a per-step accumulation inside it (see `lstm_scan`). On CPU, for
+batches of up to 32 and ~256 hidden units, the forward time loop runs the batch as two
+interleaved row blocks per step (`row_blocks`), so that two cores each take one block's matmul
+and gate arithmetic instead of sharing one small matmul and then idling through the gate
+arithmetic. On CPU, for sequences and batches of 16 or more, each layer also runs its sequence
+as four consecutive time chunks (`time_chunks`), each chunk its own input projection, time loop
+and weight-gradient matmuls: in reverse mode the matmuls of one chunk, and the layer below's
+backward loop, then run beside the next chunk's backward loop, whose steps leave a core idle.
+The same function either way. With `seq_lengths`, the backward direction reverses only each
+sequence's real steps (as `nn.RNN(reverse=True, keep_order=True)`); outputs at padded steps are
+not meaningful, and the heads mask them.
 """
 
 import functools
@@ -39,8 +43,7 @@ def _auto_row_blocks(batch: int, hidden: int) -> int:
     0.92-0.94x / 1.0x / 1.0x (0.90x on jax 0.12.1; GRU cells 0.89-0.94x); hidden 128: 0.97x (GRU
     0.99x); hidden 512: 1.01x at batch 32, 1.04x at 8; the 64- and 128-wide biLSTM classifiers
     (context 128): 1.04x, 1.01x. Accelerators keep one block (two kernels per step for one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if (jax.default_backend() == "cpu" and cores >= 2 and 2 <= batch <= 32 and batch % 2 == 0
+    return 2 if (jax.default_backend() == "cpu" and _cpu_cores() >= 2 and 2 <= batch <= 32 and batch % 2 == 0
                  and 192 <= hidden <= 384) else 1
 
 
@@ -80,6 +83,56 @@ def _scan_row_blocks(step, carry, xs, blocks: int):
 
     carries, ys = jax.lax.scan(body, _block_rows(carry, blocks), xs)
     return _unblock_rows(carries), ys
+
+
+def _cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _auto_time_chunks(steps: int, batch: int) -> int:
+    """A layer's time chunks when none are given: 4 on CPU with two or more cores for sequences
+    of 16 steps or more and batches of 16 or more, else 1. In reverse mode each chunk's input and
+    weight gradients (two matmuls) and the layer below's backward loop over the later chunks can
+    then run while this layer's backward loop works through the earlier ones, on the core that
+    loop leaves idle (a backward step is one small matmul and then elementwise work on one core;
+    in an xprof trace of the LM's step, traced ops filled 76% of the two threads' time with 4
+    chunks, 65% with one). On 2 cores
+    (2026-12-07, jax 0.10.2), a train step with 1 / 2 / 4 / 8 chunks, interleaved in one process:
+    the 2x256 char LM (context 64, batch 32) 1 / 0.92-0.99 / 0.91-0.97 / 0.98; GRU cells 1 / 0.95 /
+    0.86-0.88 / 0.97; hidden 128 / 512: 0.90 / 0.93 with 2, 0.92 with 4; batch 8 / 16 / 64 / 128
+    with 4: 0.97-1.03 / 0.93 / 0.97 / 0.92; context 256: 0.95; the 64-wide biLSTM classifier
+    (context 128): 0.85-0.89 (8: 0.99, 16: 1.27); the 128-wide one at context 512, batch 64: 0.91
+    (8: 0.87); jax 0.12.1: the LM 0.96, GRU cells 0.92. Below batch 16 it did not pay: the LM's
+    train step at batch 8 0.97-1.03x, its forward pass at batch 8 / 16 0.98x / 1.00x and at batch
+    1 (sampling) 1.06-1.09x. Accelerators keep one chunk."""
+    return 4 if jax.default_backend() == "cpu" and _cpu_cores() >= 2 and steps >= 16 and batch >= 16 else 1
+
+
+def _resolve_time_chunks(name: str, time_chunks: int | None, steps: int, batch: int) -> int:
+    """None: `_auto_time_chunks`. A count larger than the steps is capped at one step a chunk."""
+    if time_chunks is None:
+        return _auto_time_chunks(steps, batch)
+    if isinstance(time_chunks, bool) or not isinstance(time_chunks, int) or time_chunks < 1:
+        raise ValueError(f"{name}: time_chunks must be None or a positive integer, got {time_chunks!r}")
+    return max(1, min(time_chunks, steps))
+
+
+def _run_time_chunks(chunk, carry, x_TxBxC, chunks: int):
+    """`chunk(carry, x_txBxC) -> (carry, ys_txBx...)` over `chunks` consecutive pieces of the time
+    axis (lengths differing by at most one), each piece starting from the carry the previous one
+    ended with; the pieces' outputs joined on time. One piece is one call of `chunk`."""
+    if chunks == 1:
+        return chunk(carry, x_TxBxC)[1]
+    bounds = np.linspace(0, x_TxBxC.shape[0], chunks + 1).round().astype(int)
+    outputs = []
+    # One split, not a slice per piece: its transpose (in reverse mode) is one concatenate of the
+    # pieces' input gradients, so the layer below can start on the last piece's gradient while
+    # this layer computes the earlier pieces'. Slices transpose to pads added together, which
+    # waits for every piece (measured: the LM step 1.02x instead of 0.95x with 2 pieces).
+    for x_txBxC in jnp.split(x_TxBxC, bounds[1:-1], axis=0):
+        carry, ys = chunk(carry, x_txBxC)
+        outputs.append(ys)
+    return jnp.concatenate(outputs, 0)
 
 
 def _lstm_params(module: nn.Module, in_features: int, features: int):
@@ -252,6 +305,7 @@ class _SequenceLayer(nn.Module):
     reverse: bool = False
     time_major: bool = False
     row_blocks: int | None = None  # the forward loop's row blocks (`lstm_scan`); None: by backend and size
+    time_chunks: int | None = None  # consecutive time chunks, each its own loop (`_auto_time_chunks`); None: by size
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T C"], seq_lengths: Int[Array, "B"] | None = None) -> Float[Array, "B T H"]:
@@ -260,7 +314,7 @@ class _SequenceLayer(nn.Module):
         x_TxBxC = x if self.time_major else jnp.swapaxes(x, 0, 1)
         if self.reverse:
             x_TxBxC = flip_sequences(x_TxBxC, seq_lengths, num_batch_dims=1, time_major=True)
-        hs_TxBxH = self._scan(x_TxBxC)
+        hs_TxBxH = self._scan(x_TxBxC, _resolve_time_chunks(type(self).__name__, self.time_chunks, *x_TxBxC.shape[:2]))
         if self.reverse:
             hs_TxBxH = flip_sequences(hs_TxBxH, seq_lengths, num_batch_dims=1, time_major=True)
         return hs_TxBxH if self.time_major else jnp.swapaxes(hs_TxBxH, 0, 1)
@@ -271,19 +325,25 @@ class LSTM(_SequenceLayer):
 
     Equal to `nn.RNN(LSTMCell(features, dtype), reverse=reverse, keep_order=True)` (zero
     initial carry), but the input projection is one matmul over all steps and the weight
-    gradients are one matmul each after the time loop (`lstm_scan`): a train step of the
+    gradients are one matmul each after the time loop (`lstm_scan`; per time chunk where
+    `time_chunks`, default 4 on CPU for sequences and batches of 16 or more, splits the
+    sequence: `_auto_time_chunks`): a train step of the
     2x256 char LM took 0.81x the time of the `nn.RNN` form on 2 CPU cores with jax 0.10.2
     (0.88x with 0.12.1).
     `reverse` runs from each sequence's last real step (`seq_lengths`) back to its first and
     returns outputs in input order.
     """
 
-    def _scan(self, x_TxBxC):
+    def _scan(self, x_TxBxC, chunks: int):
         w_x, w_h, b = _lstm_params(self, x_TxBxC.shape[-1], self.features)
-        xg_TxBx4H = matmul(x_TxBxC.astype(self.dtype), w_x.astype(self.dtype)) + b
+
+        def chunk(carry, x_txBxC):
+            xg_txBx4H = matmul(x_txBxC.astype(self.dtype), w_x.astype(self.dtype)) + b
+            hs_txBxH, carry = lstm_scan(w_h.astype(self.dtype), xg_txBx4H, *carry, row_blocks=self.row_blocks)
+            return carry, hs_txBxH
+
         zeros_BxH = jnp.zeros((x_TxBxC.shape[1], self.features), jnp.float32)
-        hs_TxBxH, _ = lstm_scan(w_h.astype(self.dtype), xg_TxBx4H, zeros_BxH, zeros_BxH, row_blocks=self.row_blocks)
-        return hs_TxBxH
+        return _run_time_chunks(chunk, (zeros_BxH, zeros_BxH), x_TxBxC, chunks)
 
 
 def _gru_params(module: nn.Module, in_features: int, features: int):
@@ -404,11 +464,15 @@ class GRU(_SequenceLayer):
     keep_order=True)` with a zero initial carry; a train step of the 2x256 char LM with GRU
     cells took 0.89x the time of that form on 2 CPU cores with jax 0.10.2 (0.92x with 0.12.1)."""
 
-    def _scan(self, x_TxBxC):
+    def _scan(self, x_TxBxC, chunks: int):
         w_x, b_x, w_h, b_hn = _gru_params(self, x_TxBxC.shape[-1], self.features)
-        xg_TxBx3H = matmul(x_TxBxC.astype(self.dtype), w_x.astype(self.dtype)) + b_x
-        return gru_scan(w_h.astype(self.dtype), b_hn, xg_TxBx3H,
-                        jnp.zeros((x_TxBxC.shape[1], self.features), jnp.float32), row_blocks=self.row_blocks)
+
+        def chunk(h_BxH, x_txBxC):
+            xg_txBx3H = matmul(x_txBxC.astype(self.dtype), w_x.astype(self.dtype)) + b_x
+            hs_txBxH = gru_scan(w_h.astype(self.dtype), b_hn, xg_txBx3H, h_BxH, row_blocks=self.row_blocks)
+            return hs_txBxH[-1], hs_txBxH
+
+        return _run_time_chunks(chunk, jnp.zeros((x_TxBxC.shape[1], self.features), jnp.float32), x_TxBxC, chunks)
 
 
 def _per_gate(init, gates: int):
@@ -442,6 +506,7 @@ class RNNStack(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     row_blocks: int | None = None  # each layer's forward-loop row blocks (`lstm_scan`); None: by backend and size
+    time_chunks: int | None = None  # each layer's time chunks (`LSTM`); None: by backend and size
 
     @nn.compact
     def __call__(self, x_BxTxC: Float[Array, "B T C"], lengths_B: Int[Array, "B"] | None = None, *,
@@ -455,6 +520,7 @@ class RNNStack(nn.Module):
         for i in range(self.num_layers):
             # Named as the cells of the nn.RNN form were (LSTMCell_0, ...), so checkpoints keep loading.
             outputs = [layer_cls(self.hidden, self.dtype, reverse=reverse, time_major=True, row_blocks=self.row_blocks,
+                                 time_chunks=self.time_chunks,
                                  name=f"{cell_cls.__name__}_{len(directions) * i + reverse}")(x, seq_lengths=lengths_B)
                        for reverse in directions]
             x = jnp.concatenate(outputs, -1) if len(outputs) > 1 else outputs[0]
@@ -474,13 +540,14 @@ class CharRNNLM(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     row_blocks: int | None = None  # RNNStack's
+    time_chunks: int | None = None  # RNNStack's
 
     @nn.compact
     def __call__(self, tokens_BxT: Int[Array, "B T"], *, train: bool = False) -> Float[Array, "B T V"]:
         _checks.expect(self, tokens_BxT, "(batch, time)", "int", "tokens")
         x_BxTxE = nn.Embed(self.vocab_size, self.embed)(tokens_BxT)
         h_BxTxH = RNNStack(self.cell, self.hidden, self.num_layers, False, self.dropout, self.dtype,
-                           self.row_blocks)(x_BxTxE, train=train)
+                           self.row_blocks, self.time_chunks)(x_BxTxE, train=train)
         h_BxTxH = nn.Dropout(self.dropout, deterministic=not train)(h_BxTxH)
         return Dense(self.vocab_size, dtype=self.dtype)(h_BxTxH).astype(jnp.float32)
 
@@ -498,6 +565,7 @@ class RNNClassifier(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     row_blocks: int | None = None  # RNNStack's
+    time_chunks: int | None = None  # RNNStack's
 
     @nn.compact
     def __call__(self, inputs, lengths_B: Int[Array, "B"] | None = None, *, train: bool = False) -> Float[Array, "B K"]:
@@ -512,7 +580,7 @@ class RNNClassifier(nn.Module):
             lengths_B = jnp.full((batch,), steps, jnp.int32)
         _checks.expect(self, lengths_B, "(batch,)", "int", "lengths", {"batch": batch})
         h_BxTxF = RNNStack(self.cell, self.hidden, self.num_layers, self.bidirectional, self.dropout,
-                           self.dtype, self.row_blocks)(x_BxTxC, lengths_B, train=train)
+                           self.dtype, self.row_blocks, self.time_chunks)(x_BxTxC, lengths_B, train=train)
         valid_BxT = (jnp.arange(steps)[None] < lengths_B[:, None]).astype(jnp.float32)
         pooled_BxF = (h_BxTxF * valid_BxT[..., None]).sum(1) / jnp.maximum(valid_BxT.sum(1, keepdims=True), 1.0)
         pooled_BxF = nn.Dropout(self.dropout, deterministic=not train)(pooled_BxF)

@@ -50,7 +50,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # The forward time loop's interleaved row blocks (rnn.lstm_scan); None: by backend and size
         # (2 on CPU for batches up to 32 at ~256 hidden units, this LM's default).
         row_blocks=ml_collections.config_dict.placeholder(int),
-        # Each layer's consecutive time chunks (rnn.LSTM); None: by backend and size (2 on CPU).
+        # Each layer's consecutive time chunks (rnn.LSTM); None: by backend and size (4 on CPU for
+        # batches and sequences of 16 or more, this LM's default).
         time_chunks=ml_collections.config_dict.placeholder(int)))
     c.data.name = "text_windows/pystdlib_64"
     c.data.eval_split = "validation"

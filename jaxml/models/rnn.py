@@ -96,9 +96,8 @@ def _auto_time_chunks(steps: int, batch: int) -> int:
     then run while this layer's backward loop works through the earlier ones, on the core that
     loop leaves idle (a backward step is one small matmul and then elementwise work on one core;
     in an xprof trace of the LM's step, traced ops filled 76% of the two threads' time with 4
-    chunks, 65% with one). On 2 cores
-    (2026-12-07, jax 0.10.2), a train step with 1 / 2 / 4 / 8 chunks, interleaved in one process:
-    the 2x256 char LM (context 64, batch 32) 1 / 0.92-0.99 / 0.91-0.97 / 0.98; GRU cells 1 / 0.95 /
+    chunks, 65% with one). On 2 cores (2026-12-07, jax 0.10.2), a train step with 1 / 2 / 4 / 8
+    chunks, interleaved in one process: the 2x256 char LM (context 64, batch 32) 1 / 0.92-0.99 / 0.91-0.97 / 0.98; GRU cells 1 / 0.95 /
     0.86-0.88 / 0.97; hidden 128 / 512: 0.90 / 0.93 with 2, 0.92 with 4; batch 8 / 16 / 64 / 128
     with 4: 0.97-1.03 / 0.93 / 0.97 / 0.92; context 256: 0.95; the 64-wide biLSTM classifier
     (context 128): 0.85-0.89 (8: 0.99, 16: 1.27); the 128-wide one at context 512, batch 64: 0.91
@@ -128,7 +127,7 @@ def _run_time_chunks(chunk, carry, x_TxBxC, chunks: int):
     # One split, not a slice per piece: its transpose (in reverse mode) is one concatenate of the
     # pieces' input gradients, so the layer below can start on the last piece's gradient while
     # this layer computes the earlier pieces'. Slices transpose to pads added together, which
-    # waits for every piece (measured: the LM step 1.02x instead of 0.95x with 2 pieces).
+    # waits for every piece (measured: the LM step 1.02-1.03x instead of 0.92-0.99x with 2 pieces).
     for x_txBxC in jnp.split(x_TxBxC, bounds[1:-1], axis=0):
         carry, ys = chunk(carry, x_txBxC)
         outputs.append(ys)

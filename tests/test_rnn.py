@@ -141,25 +141,27 @@ def test_sequence_layer_values_gradients_and_forward_mode_equal_the_scanned_cell
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), hvp, hvp_ref)
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those in sub-jaxprs (scan bodies, custom rules) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
 def _gradient_scans(fn, params, x):
     """(carry shapes, per-step output shapes) of each scan in the jaxpr of fn's gradient, in order."""
     closed = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
     found = []
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                    if isinstance(sub, jax.extend.core.Jaxpr):
-                        if eqn.primitive.name == "scan":  # the body's outputs: carries, then per-step outputs
-                            # (a carry leaves the scan in its own shape, a per-step output stacked)
-                            shapes = [tuple(v.aval.shape) for v in sub.outvars]
-                            carries = sum(tuple(v.aval.shape) == shape for v, shape in zip(eqn.outvars, shapes))
-                            found.append((shapes[:carries], shapes[carries:]))
-                        visit(sub)
-
-    visit(closed.jaxpr)
+    for eqn in _eqns(closed.jaxpr):
+        if eqn.primitive.name == "scan":  # the body's outputs: carries, then per-step outputs
+            # (a carry leaves the scan in its own shape, a per-step output stacked)
+            shapes = [tuple(v.aval.shape) for v in eqn.params["jaxpr"].jaxpr.outvars]
+            carries = sum(tuple(v.aval.shape) == shape for v, shape in zip(eqn.outvars, shapes))
+            found.append((shapes[:carries], shapes[carries:]))
     return found
 
 
@@ -236,18 +238,7 @@ def _forward_loop_dots(layer, batch):
     x = jnp.ones((batch, 5, 3))
     params = layer.init(jax.random.key(0), x)["params"]
     jaxpr = jax.make_jaxpr(lambda p: layer.apply({"params": p}, x))(params).jaxpr
-    scans = []
-
-    def visit(j):
-        for eqn in j.eqns:
-            if eqn.primitive.name == "scan":
-                scans.append(eqn.params["jaxpr"].jaxpr)
-            for value in eqn.params.values():
-                sub = getattr(value, "jaxpr", value)
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    visit(sub)
-
-    visit(jaxpr)
+    scans = [eqn.params["jaxpr"].jaxpr for eqn in _eqns(jaxpr) if eqn.primitive.name == "scan"]
     assert len(scans) == 1, scans
     return sum(eqn.primitive.name == "dot_general" for eqn in scans[0].eqns)
 
@@ -270,17 +261,6 @@ def test_row_blocks_default_to_two_on_cpu_where_they_measured_faster(kind):
     assert _forward_loop_dots(layer_cls(4, row_blocks=4), 64) == 4
     assert _forward_loop_dots(rnn.RNNStack(kind, 4, row_blocks=3), 6) == 3  # RNNStack passes it on
     assert _forward_loop_dots(layer_cls(4, row_blocks=4), 6) == 1  # a batch it does not divide: one block
-
-
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, those in sub-jaxprs (scan bodies, custom rules) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _eqns(sub)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -335,10 +335,11 @@ class LSTM(_SequenceLayer):
 
     def _scan(self, x_TxBxC, chunks: int):
         w_x, w_h, b = _lstm_params(self, x_TxBxC.shape[-1], self.features)
+        w_x, w_h = w_x.astype(self.dtype), w_h.astype(self.dtype)
 
         def chunk(carry, x_txBxC):
-            xg_txBx4H = matmul(x_txBxC.astype(self.dtype), w_x.astype(self.dtype)) + b
-            hs_txBxH, carry = lstm_scan(w_h.astype(self.dtype), xg_txBx4H, *carry, row_blocks=self.row_blocks)
+            xg_txBx4H = matmul(x_txBxC.astype(self.dtype), w_x) + b
+            hs_txBxH, carry = lstm_scan(w_h, xg_txBx4H, *carry, row_blocks=self.row_blocks)
             return carry, hs_txBxH
 
         zeros_BxH = jnp.zeros((x_TxBxC.shape[1], self.features), jnp.float32)
@@ -465,10 +466,11 @@ class GRU(_SequenceLayer):
 
     def _scan(self, x_TxBxC, chunks: int):
         w_x, b_x, w_h, b_hn = _gru_params(self, x_TxBxC.shape[-1], self.features)
+        w_x, w_h = w_x.astype(self.dtype), w_h.astype(self.dtype)
 
         def chunk(h_BxH, x_txBxC):
-            xg_txBx3H = matmul(x_txBxC.astype(self.dtype), w_x.astype(self.dtype)) + b_x
-            hs_txBxH = gru_scan(w_h.astype(self.dtype), b_hn, xg_txBx3H, h_BxH, row_blocks=self.row_blocks)
+            xg_txBx3H = matmul(x_txBxC.astype(self.dtype), w_x) + b_x
+            hs_txBxH = gru_scan(w_h, b_hn, xg_txBx3H, h_BxH, row_blocks=self.row_blocks)
             return hs_txBxH[-1], hs_txBxH
 
         return _run_time_chunks(chunk, jnp.zeros((x_TxBxC.shape[1], self.features), jnp.float32), x_TxBxC, chunks)

@@ -100,8 +100,21 @@ def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int]
             times[name].append((time.perf_counter() - t) / steps[name])
             cpu[name].append((time.process_time() - c) / steps[name])
     return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "windows": len(ts),
-                   "cpu_s": statistics.median(cpu[name])}
+                   "window_s": ts, "cpu_s": statistics.median(cpu[name])}
             for name, ts in times.items()}
+
+
+def paired_range(numerator_s: list[float], denominator_s: list[float]) -> tuple[float, float]:
+    """The lowest and highest ratio of two contenders' windows of the same round of `interleaved`
+    (each pair ran back to back, so a slow spell of the machine hits both alike).
+
+    The ratio of the two medians always lies in this range: if every window of the numerator
+    is at most r times its partner, so is its median. A range that straddles 1.0 is a tie."""
+    if len(numerator_s) != len(denominator_s) or not numerator_s:
+        raise ValueError(f"paired_range: needs windows from the same rounds, got {len(numerator_s)} "
+                         f"and {len(denominator_s)}")
+    ratios = [a / b for a, b in zip(numerator_s, denominator_s)]
+    return min(ratios), max(ratios)
 
 
 def steps_for(window: Callable[[int], None], target_s: float, cap: int = 200) -> int:

@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
             row = bench_pipeline(families.workload(name, args.device, args.quick, dtype), args)
             out["pipeline"].append(row)
             print(f"  pipeline {name}: {row['pipeline_steps_per_s']:.1f} steps/s with grain vs "
-                  f"{row['cached_steps_per_s']:.1f} on a cached batch: ratio {row['ratio']:.3f}", flush=True)
+                  f"{row['cached_steps_per_s']:.1f} on a cached batch: ratio {_ratio(row, 'ratio', '.3f')}", flush=True)
     if "unet" in only and not args.no_sampling:
         out["sampling"] = bench_sampling(args)
         for r in out["sampling"]:
@@ -224,6 +224,8 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
         if label in timed:
             row[f"{label}_ms"] = 1e3 * timed[label]["median_s"]
             row[f"jaxml_over_{label}"] = step_s / timed[label]["median_s"]
+            row[f"jaxml_over_{label}_range"] = measure.paired_range(timed["jaxml"]["window_s"],
+                                                                    timed[label]["window_s"])
             row[f"{label}_cpu_ms"] = 1e3 * timed[label]["cpu_s"]
             row[f"jaxml_over_{label}_cpu"] = timed["jaxml"]["cpu_s"] / timed[label]["cpu_s"]
     return row
@@ -289,6 +291,7 @@ def bench_pipeline(w, args) -> dict:
            "pipeline_steps_per_s": 1 / timed["pipeline"]["median_s"],
            "cached_steps_per_s": 1 / timed["cached"]["median_s"]}
     row["ratio"] = row["pipeline_steps_per_s"] / row["cached_steps_per_s"]
+    row["ratio_range"] = measure.paired_range(timed["cached"]["window_s"], timed["pipeline"]["window_s"])
     row["ratio_cpu"] = timed["cached"]["cpu_s"] / timed["pipeline"]["cpu_s"]  # the same, in CPU time per step
     if w.name == "cnn" and not args.quick:
         row["loop_steps_per_s"] = _whole_loop(w, n)
@@ -369,13 +372,21 @@ def _family_line(r: dict) -> str:
          f"{r['throughput']:9.0f} {r['unit']}/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU {r['mfu']:6.1%}")
     for label in ("bare", "torch", "torch.compile"):
         if f"{label}_ms" in r:
-            s += (f"  {label} {r[f'{label}_ms']:.2f} ms (x{r[f'jaxml_over_{label}']:.2f}; "
+            s += (f"  {label} {r[f'{label}_ms']:.2f} ms (x{_ratio(r, f'jaxml_over_{label}', '.2f')}; "
                   f"CPU time x{r[f'jaxml_over_{label}_cpu']:.2f})")
     return s + "".join(f"  [{n}]" for n in r["notes"])
 
 
 def _f(x, fmt):
     return "" if x is None else format(x, fmt)
+
+
+def _ratio(r: dict, key: str, fmt: str) -> str:
+    """A ratio with the range of its paired windows in brackets (`measure.paired_range`)."""
+    if r.get(key) is None:
+        return ""
+    low_high = r.get(f"{key}_range")
+    return format(r[key], fmt) + (f" ({low_high[0]:{fmt}}-{low_high[1]:{fmt}})" if low_high else "")
 
 
 def markdown(out: dict) -> str:
@@ -400,9 +411,9 @@ def markdown(out: dict) -> str:
             f"| {r['family']} | {r['size']} ({r['dtype']}) | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
             f"{r['throughput']:.0f} {r['unit']}/s | {r['flops_per_step'] / 1e9:.3f} | {r['flops_per_s'] / 1e9:.1f} | "
             f"{r['mfu']:.1%} | {_f(mem and mem / 2**20, '.1f')} | {_f(r.get('bare_ms'), '.2f')} | "
-            f"{_f(r.get('jaxml_over_bare'), '.3f')} | {_f(r.get('torch_ms'), '.2f')} | "
-            f"{_f(r.get('jaxml_over_torch'), '.2f')} | {_f(r.get('torch.compile_ms'), '.2f')} | "
-            f"{_f(r.get('jaxml_over_torch.compile'), '.2f')} | "
+            f"{_ratio(r, 'jaxml_over_bare', '.3f')} | {_f(r.get('torch_ms'), '.2f')} | "
+            f"{_ratio(r, 'jaxml_over_torch', '.2f')} | {_f(r.get('torch.compile_ms'), '.2f')} | "
+            f"{_ratio(r, 'jaxml_over_torch.compile', '.2f')} | "
             f"{' / '.join(_f(r.get(k), '.1f') or '-' for k in ('cpu_ms', 'bare_cpu_ms', 'torch_cpu_ms', 'torch.compile_cpu_ms'))} |")
     notes = [f"{r['family']}: {n}" for r in out["families"] for n in r["notes"]]
     if notes:
@@ -412,7 +423,7 @@ def markdown(out: dict) -> str:
                   "| ratio in CPU time | whole loop steps/s |", "|---|---|---|---|---|---|---|---|"]
         for p in out["pipeline"]:
             lines.append(f"| {p['family']} | {p['dataset']} | {p['batch']} | {p['pipeline_steps_per_s']:.1f} | "
-                         f"{p['cached_steps_per_s']:.1f} | {p['ratio']:.3f} | {_f(p.get('ratio_cpu'), '.3f')} | "
+                         f"{p['cached_steps_per_s']:.1f} | {_ratio(p, 'ratio', '.3f')} | {_f(p.get('ratio_cpu'), '.3f')} | "
                          f"{_f(p.get('loop_steps_per_s'), '.1f')} |")
     if out.get("sampling"):
         lines += ["", "| U-Net sampling (guided) | levels | batch | compile s | ms/image | CPU ms/image |",
@@ -433,7 +444,9 @@ def markdown(out: dict) -> str:
                              f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} | {_f(r.get('temp_mb'), '.1f')} |")
     lines += ["", (f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}. "
                    if m.get("load_avg_end") else "") +
-              "Ratios come from windows interleaved in one process; absolute times drift with the machine's load."]
+              "Ratios come from windows interleaved in one process; absolute times drift with the machine's load. "
+              "A ratio is that of the median window times; in brackets, the lowest and highest ratio of two "
+              "windows timed back to back in the same round (a range that spans 1.0 is a tie)."]
     return "\n".join(lines)
 
 

@@ -22,8 +22,29 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert row["memory"]["peak_bytes"] > 0
     # The bare Flax step ran beside the engine's: the overhead ratio is a real, positive number.
     assert row["bare_ms"] > 0 and row["jaxml_over_bare"] == pytest.approx(row["step_ms"] / row["bare_ms"])
+    # One window each: the paired range is that one round's ratio, which is the ratio itself.
+    assert row["jaxml_over_bare_range"] == pytest.approx([row["jaxml_over_bare"]] * 2)
     table = (tmp_path / "results.md").read_text()
     assert "| cnn |" in table and table == run.markdown(out) + "\n"
+    ratio = row["jaxml_over_bare"]
+    assert f"| {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in table
+
+
+def test_paired_range_pairs_windows_of_the_same_round():
+    jaxml_s, torch_s = [1.0, 1.5, 0.9, 1.2], [1.0, 1.2, 1.0, 1.0]  # the machine slowed in round 2
+    low, high = measure.paired_range(jaxml_s, torch_s)
+    assert (low, high) == pytest.approx((0.9, 1.25))
+    # The ratio of the medians (1.1 / 1.0) lies inside, as it must.
+    assert low <= 1.1 <= high
+    with pytest.raises(ValueError, match="same rounds, got 4 and 3"):
+        measure.paired_range(jaxml_s, torch_s[:3])
+
+
+def test_markdown_shows_each_ratio_with_its_paired_range():
+    row = {"jaxml_over_torch": 1.034, "jaxml_over_torch_range": [0.97, 1.10], "ratio": 0.95}
+    assert run._ratio(row, "jaxml_over_torch", ".2f") == "1.03 (0.97-1.10)"
+    assert run._ratio(row, "ratio", ".3f") == "0.950"  # results written before the ranges
+    assert run._ratio(row, "jaxml_over_bare", ".3f") == ""
 
 
 def test_unknown_family_is_refused_with_the_choices():

@@ -6,6 +6,7 @@ Contenders are timed in interleaved windows inside one process, so the noise of 
 machine hits them alike and their *ratios* are the figures to trust.
 """
 
+import platform
 import statistics
 import time
 from typing import Callable
@@ -31,6 +32,28 @@ PEAKS = (
     ("TPU v5", 459e12, None),  # v5p reports itself as "TPU v5"
     ("TPU v4", 275e12, None),
 )
+
+
+# The vector units that decide a CPU's matmul and convolution speed, as /proc/cpuinfo names them.
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16",
+                 "asimd", "sve")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The host CPU's model and vector units ("AMD EPYC 7B13; avx2 fma"), from /proc/cpuinfo where
+    there is one: ratios against PyTorch move with them (oneDNN uses AVX-512 and AMX where the
+    CPU has them), so a result must say which CPU it ran on."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return f"{model}; " + (" ".join(f for f in _CPU_FEATURES if f in flags) or "no vector extensions listed")
 
 
 def datasheet_peak(device_kind: str, dtype: str) -> float | None:

@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
+                    "cpu": measure.cpu_description(),
                     "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": malloc_note or "glibc default",
                     "xla_flags": os.environ.get("XLA_FLAGS", ""), "threefry": threefry_note,
@@ -394,7 +395,8 @@ def markdown(out: dict) -> str:
     peaks = m.get("peaks_measured") or [m["peak_flops"]]
     xla_flags = f"; XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else ""
     omp = f" (OMP_WAIT_POLICY={m['omp_wait_policy']})" if m.get("omp_wait_policy") else " (OpenMP defaults)"
-    lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {m['cpu_count']} cores, "
+    cpu = f"{m['cpu']}, " if m.get("cpu") else ""  # results written before the CPU was recorded lack it
+    lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {cpu}{m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
              f"jax {m['jax']}, Python {m['python']}; {m['torch']}{omp}; malloc: {m.get('malloc', 'glibc default')}"

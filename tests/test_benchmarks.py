@@ -30,6 +30,23 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert f"| {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in table
 
 
+def test_cpu_description_names_the_model_and_its_vector_units():
+    intel = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+             "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert measure.cpu_description(intel) == "Intel(R) Xeon(R) Processor; avx2 fma avx512f avx512_bf16 amx_tile amx_bf16"
+    amd = "model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert measure.cpu_description(amd) == "AMD EPYC 7B13 64-Core Processor; avx2 fma"
+    assert measure.cpu_description("CPU part\t: 0xd0c\nFeatures\t: fp asimd\n") == "0xd0c; asimd"
+    assert measure.cpu_description() in run.markdown(_quick_result())  # this machine's, in the table's header
+
+
+def _quick_result():
+    return {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu": measure.cpu_description(), "cpu_count": 2,
+                        "load_avg_start": None, "jax": jax.__version__, "python": "3", "torch": "t",
+                        "peak_flops": 1e11, "peak_source": "s"},
+            "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None}
+
+
 def test_paired_range_pairs_windows_of_the_same_round():
     jaxml_s, torch_s = [1.0, 1.5, 0.9, 1.2], [1.0, 1.2, 1.0, 1.0]  # the machine slowed in round 2
     low, high = measure.paired_range(jaxml_s, torch_s)

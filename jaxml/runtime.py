@@ -144,7 +144,10 @@ def multithreaded_convolutions(enabled: bool = True) -> str | None:
     each on one thread: on 2 cores a ResNet-20 convolution took 3.3 ms where Eigen's, which
     XLA uses otherwise, takes 1.7 (its kernel gradient 7.7 against 3.2), and the other core
     sat idle. The flag keeps YNNPACK for dots and reductions and gives convolutions back to
-    Eigen: the LeNet CNN step 0.74-0.79x, ResNet-20 0.81-0.91x, the others unchanged. jaxlib 0.12's
+    Eigen: the LeNet CNN step 0.74-0.79x, ResNet-20 0.81-0.91x, the others unchanged (2 AVX2 cores).
+    On 2 cores with AVX-512 (2026-12-07) the CNN's step without the flag took 1.4-1.5x as long and
+    ResNet-20's 1.22x, but the 8x8 U-Net's 0.90x (0.78x the CPU time): a U-Net there may turn it
+    off (the CLI's --nomultithreaded_convolutions). jaxlib 0.12's
     YNNPACK convolutions use every core (and beat Eigen's kernel gradient), so there it adds
     nothing; a `--xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS stands.
     XLA reads XLA_FLAGS once, when the backend starts: call this before the first computation.

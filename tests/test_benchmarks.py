@@ -48,13 +48,15 @@ def _quick_result():
 
 
 def test_paired_range_pairs_windows_of_the_same_round():
-    jaxml_s, torch_s = [1.0, 1.5, 0.9, 1.2], [1.0, 1.2, 1.0, 1.0]  # the machine slowed in round 2
+    # Round by round: 1.0 / 1.5, 2.0 / 1.4 (jaxml's window hit a slow spell), 1.2 / 1.2. Pairing the
+    # windows by rank instead of by round would give (0.83, 1.33); in reverse order (0.71, 1.67).
+    jaxml_s, torch_s = [1.0, 2.0, 1.2], [1.5, 1.4, 1.2]
     low, high = measure.paired_range(jaxml_s, torch_s)
-    assert (low, high) == pytest.approx((0.9, 1.25))
-    # The ratio of the medians (1.1 / 1.0) lies inside, as it must.
-    assert low <= 1.1 <= high
-    with pytest.raises(ValueError, match="same rounds, got 4 and 3"):
-        measure.paired_range(jaxml_s, torch_s[:3])
+    assert (low, high) == pytest.approx((1.0 / 1.5, 2.0 / 1.4))
+    # The ratio of the medians (1.2 / 1.4) lies inside, as it must.
+    assert low <= 1.2 / 1.4 <= high
+    with pytest.raises(ValueError, match="same rounds, got 3 and 2"):
+        measure.paired_range(jaxml_s, torch_s[:2])
 
 
 def test_markdown_shows_each_ratio_with_its_paired_range():

@@ -37,14 +37,15 @@ def test_cpu_description_names_the_model_and_its_vector_units():
     amd = "model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
     assert measure.cpu_description(amd) == "AMD EPYC 7B13 64-Core Processor; avx2 fma"
     assert measure.cpu_description("CPU part\t: 0xd0c\nFeatures\t: fp asimd\n") == "0xd0c; asimd"
-    assert measure.cpu_description() in run.markdown(_quick_result())  # this machine's, in the table's header
+    assert measure.cpu_description() in run.markdown(_result())  # this machine's, in the table's header
 
 
-def _quick_result():
+def _result(**sections):
+    """A minimal results dict for `run.markdown`: this machine's CPU, no rows but `sections`'."""
     return {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu": measure.cpu_description(), "cpu_count": 2,
                         "load_avg_start": None, "jax": jax.__version__, "python": "3", "torch": "t",
                         "peak_flops": 1e11, "peak_source": "s"},
-            "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None}
+            "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None, **sections}
 
 
 def test_paired_range_pairs_windows_of_the_same_round():
@@ -105,10 +106,7 @@ def test_quick_sampling_timing_ddpm_vs_ddim():
     ddim, ddpm = rows
     assert (ddim["method"], ddpm["method"]) == ("DDIM", "DDPM") and ddpm["levels"] > ddim["levels"]
     assert all(r["ms_per_image"] > 0 and r["cpu_ms_per_image"] >= 0 and r["compile_s"] > 0 for r in rows)
-    out = {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu_count": 2, "load_avg_start": None, "jax": "x",
-                       "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
-           "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": None, "sampling": rows}
-    assert "| DDPM | 50 |" in run.markdown(out)
+    assert "| DDPM | 50 |" in run.markdown(_result(sampling=rows))
 
 
 def test_scaling_refuses_unknown_sweeps_and_devices():
@@ -137,10 +135,7 @@ def test_remat_rows_trade_memory_for_recompute_and_are_plotted(tmp_path):
     curves = {name: [] for name in scaling.SIZES} | {"remat": list(rows.values())}
     scaling.plot(str(tmp_path / "scaling.png"), curves)
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
-    out = {"machine": {"device_kind": "cpu", "backend": "cpu", "cpu_count": 2, "load_avg_start": None, "jax": "x",
-                       "python": "x", "torch": "x", "peak_flops": 1.0, "peak_source": "x"},
-           "when": "now", "command": "c", "families": [], "pipeline": [], "scaling": curves}
-    assert "| gpt quick | remat full, scan |" in run.markdown(out)
+    assert "| gpt quick | remat full, scan |" in run.markdown(_result(scaling=curves))
 
 
 @pytest.mark.parametrize("name", ["cnn", "gpt", "lstm", "unet"])

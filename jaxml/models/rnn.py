@@ -90,20 +90,20 @@ def _cpu_cores() -> int:
 
 
 def _auto_time_chunks(steps: int, batch: int) -> int:
-    """A layer's time chunks when none are given: 4 on CPU with two or more cores for sequences
-    of 16 steps or more and batches of 16 or more, else 1. In reverse mode each chunk's input and
+    """A layer's time chunks when none are given: 4 on CPU with two or more cores for sequences of
+    16 steps or more and batches of 16 or more, else 1. In reverse mode each chunk's input and
     weight gradients (two matmuls) and the layer below's backward loop over the later chunks can
-    then run while this layer's backward loop works through the earlier ones, on the core that
-    loop leaves idle (a backward step is one small matmul and then elementwise work on one core;
-    in an xprof trace of the LM's step, traced ops filled 76% of the two threads' time with 4
-    chunks, 65% with one). On 2 cores (2026-12-07, jax 0.10.2), a train step with 1 / 2 / 4 / 8
-    chunks, interleaved in one process: the 2x256 char LM (context 64, batch 32) 1 / 0.92-0.99 /
-    0.91-0.97 / 0.98; GRU cells 1 / 0.95 / 0.86-0.88 / 0.97; hidden 128 / 512: 0.90 / 0.93 with 2,
-    0.92 with 4; batch 8 / 16 / 64 / 128 with 4: 0.97-1.03 / 0.93 / 0.97 / 0.92; context 256: 0.95;
-    the 64-wide biLSTM classifier (context 128): 0.85-0.89 (8: 0.99, 16: 1.27); the 128-wide one at context 512, batch 64: 0.91
-    (8: 0.87); jax 0.12.1: the LM 0.96, GRU cells 0.92. Below batch 16 it did not pay: the LM's
-    train step at batch 8 0.97-1.03x, its forward pass at batch 8 / 16 0.98x / 1.00x and at batch
-    1 (sampling) 1.06-1.09x. Accelerators keep one chunk."""
+    then run while this layer's backward loop works through the earlier ones, on the core that loop
+    leaves idle (a backward step is one small matmul and then elementwise work on one core; in an
+    xprof trace of the LM's step, traced ops filled 76% of the two threads' time with 4 chunks, 65%
+    with one). On 2 cores (2026-12-07, jax 0.10.2), a train step with 1 / 2 / 4 / 8 chunks,
+    interleaved in one process: the 2x256 char LM (context 64, batch 32) 1 / 0.92-0.99 / 0.91-0.97 /
+    0.98; GRU cells 1 / 0.95 / 0.86-0.88 / 0.97; hidden 128 / 512: 0.90 / 0.93 with 2, 0.92 with 4;
+    batch 8 / 16 / 64 / 128 with 4: 0.97-1.03 / 0.93 / 0.97 / 0.92; context 256: 0.95; the 64-wide
+    biLSTM classifier (context 128): 0.85-0.89 (8: 0.99, 16: 1.27); the 128-wide one at context 512,
+    batch 64: 0.91 (8: 0.87); jax 0.12.1: the LM 0.96, GRU cells 0.92. Below batch 16 it did not
+    pay: the LM's train step at batch 8 0.97-1.03x, its forward pass at batch 8 / 16 0.98x / 1.00x
+    and at batch 1 (sampling) 1.06-1.09x. Accelerators keep one chunk."""
     return 4 if jax.default_backend() == "cpu" and _cpu_cores() >= 2 and steps >= 16 and batch >= 16 else 1
 
 

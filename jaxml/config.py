@@ -4,6 +4,7 @@ An experiment's `get_config()` starts from `base_config()`, adds its `model` sec
 overrides defaults; the CLI locks the result so a mistyped key is an error.
 """
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -130,6 +131,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.data.eval_batch_size > 0, "data.eval_batch_size", config.data.eval_batch_size, "> 0")
     need(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, ">= 0")
     need(config.parallel.mode in ("jit", "pmap"), "parallel.mode", config.parallel.mode, "'jit' or 'pmap'")
+    if parallel.check_xla_options(config.parallel.get("xla_options", ()), config.parallel.mode):
+        parallel.compiler_options(config.parallel, jax.default_backend())  # XLA parses them: one empty program
     if "model" in config and "dtype" in config.model:
         dtype(config.model.dtype)
     if "model" in config and "remat" in config.model:

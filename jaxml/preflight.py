@@ -160,7 +160,8 @@ def run(experiment: types.ModuleType, config: ml_collections.ConfigDict, spec: s
     shardings, abstract_state = parallel.state_shardings(init_fn, batch, mesh, tuple(tuple(r) for r in config.parallel.rules))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=NamedSharding(mesh, P()))
-    step = parallel.jit_train_step(functools.partial(experiment.train_step, config), shardings, batch_sharding)
+    step = parallel.jit_train_step(functools.partial(experiment.train_step, config), shardings, batch_sharding,
+                                   parallel.compiler_options(config.parallel, devs[0].platform))
 
     t0 = time.perf_counter()
     lowered = step.lower(abstract_state, batch, key)

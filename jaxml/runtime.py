@@ -127,6 +127,7 @@ def keep_host_memory(enabled: bool = True) -> str | None:
 
 # The XLA flag naming which ops XLA:CPU hands to YNNPACK (jaxlib 0.10's default: dots, convolutions, reductions).
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+_convolutions_wanted = [True]  # the last multithreaded_convolutions(enabled); on by default, as in the CLI
 
 
 def jaxlib_version() -> tuple[int, int]:
@@ -145,13 +146,16 @@ def multithreaded_convolutions(enabled: bool = True) -> str | None:
     XLA uses otherwise, takes 1.7 (its kernel gradient 7.7 against 3.2), and the other core
     sat idle. The flag keeps YNNPACK for dots and reductions and gives convolutions back to
     Eigen: the LeNet CNN step 0.74-0.79x, ResNet-20 0.81-0.91x, the others unchanged (2 AVX2 cores).
-    On 2 cores with AVX-512 (2026-12-07) the CNN's step without the flag took 1.4-1.5x as long and
-    ResNet-20's 1.22x, but the 8x8 U-Net's 0.90x (0.78x the CPU time): a U-Net there may turn it
-    off (the CLI's --nomultithreaded_convolutions). jaxlib 0.12's
+    On 2 cores with AVX-512 (2026-12-07; each step compiled both ways in one process, timed
+    interleaved) the CNN's step without it took 1.43x as long, ResNet-20's 1.35x, the 8x8
+    U-Net's 1.01x (0.85x the CPU time). jaxlib 0.12's
     YNNPACK convolutions use every core (and beat Eigen's kernel gradient), so there it adds
     nothing; a `--xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS stands.
     XLA reads XLA_FLAGS once, when the backend starts: call this before the first computation.
+    Called later (or never), the engine's own steps still get the setting, per program
+    (`step_compiler_options`); `enabled=False` takes it from them too.
     """
+    _convolutions_wanted[0] = enabled
     if not enabled or jaxlib_version() >= (0, 11):
         return None
     current = os.environ.get("XLA_FLAGS", "")
@@ -161,12 +165,29 @@ def multithreaded_convolutions(enabled: bool = True) -> str | None:
 
     if xla_bridge.backends_are_initialized():
         warnings.warn("multithreaded_convolutions() after JAX started its backend: XLA has read XLA_FLAGS "
-                      "already, so convolutions stay on YNNPACK's single thread; call it first, as cli.main "
-                      "does (in a notebook: the first cell)", stacklevel=2)
+                      "already, so only the engine's train and eval steps get convolutions on all cores (per "
+                      "program); other jitted functions keep YNNPACK's single thread. Call it first, as "
+                      "cli.main does (in a notebook: the first cell)", stacklevel=2)
         return None
     flag = f"--{_YNN_FUSION_FLAG}=individual_dot,reduce"
     os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
     return flag
+
+
+def step_compiler_options(platform: str) -> dict[str, str]:
+    """XLA compile options the engine gives its jit-mode train and eval steps on `platform`
+    (`parallel.setup` adds `config.parallel.xla_options` over them): the per-program form of
+    `multithreaded_convolutions()`, so that its steps get convolutions on all cores also where
+    XLA_FLAGS could not carry the setting: a notebook that ran JAX before calling it, research
+    code that never does. Empty (nothing to change) off CPU, on jaxlib >= 0.11, after
+    `multithreaded_convolutions(False)`, and where XLA_FLAGS names the fusion types already
+    (set early, or the user's own choice: it stands).
+    """
+    if (platform != "cpu" or jaxlib_version() >= (0, 11) or not _convolutions_wanted[0]
+            or _YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")):
+        return {}
+    # The same choice as the XLA_FLAGS value `individual_dot,reduce`, in the option's enum names.
+    return {_YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def unrolled_threefry(enabled: bool = True) -> str | None:

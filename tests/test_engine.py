@@ -212,3 +212,48 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path,
     straight = loop.train(cnn, tiny_config(), str(tmp_path / "straight"))
     assert resumed.step == 12
     assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)
+
+
+# ---- XLA compile options per program (config.parallel.xla_options) ------------------------------
+
+
+def _placement(config):
+    from jaxml.train import parallel
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((16, 28, 28, 1), np.float32), "label": rng.integers(0, 10, 16).astype(np.int32)}
+    placement = parallel.setup(config.parallel, init_fn=lambda r, b: cnn.init(config, r, b),
+                               train_step=lambda s, b, r: cnn.train_step(config, s, b, r),
+                               eval_step=lambda s, b: cnn.eval_step(config, s, b), example_batch=batch,
+                               global_batch_size=16, devices=jax.devices()[:1])
+    state = placement.init(jax.random.key(0), batch)
+    placed = placement.place_batch(batch)
+    train = placement.train_step.lower(state, placed, jax.random.key(1)).compile().as_text()
+    evaluate = placement.eval_step.lower(state, {**placed, "mask": jax.numpy.ones(16)}).compile().as_text()
+    return train, evaluate
+
+
+def test_xla_options_reach_the_train_and_eval_steps():
+    """An XLA option set in the config changes both compiled steps (here: no YNNPACK fusion at all,
+    where XLA:CPU otherwise runs the dense layers' dots and the reductions on it)."""
+    default = _placement(tiny_config())
+    chosen = _placement(tiny_config(**{"parallel.xla_options": (("xla_cpu_experimental_ynn_fusion_type", ""),)}))
+    assert all("ynn" in text for text in default)
+    assert not any("ynn" in text for text in chosen)
+
+
+def test_xla_options_xla_rejects_fail_before_the_model_compiles():
+    from jaxml import config as config_lib
+    from jaxml.train import parallel
+
+    for options, reason in [((("xla_cpu_enable_fast_mathh", False),), "No such compile option"),
+                            ((("xla_cpu_experimental_ynn_fusion_type", "dot"),), "not a valid enum value")]:
+        for check in (_placement, config_lib.validate):  # the engine, and the CLI's check before the workdir
+            with pytest.raises(ValueError, match="config.parallel.xla_options") as error:
+                check(tiny_config(**{"parallel.xla_options": options}))
+            assert reason in str(error.value) and "DebugOptions names" in str(error.value)
+    pmap = tiny_config(**{"parallel.mode": "pmap", "parallel.xla_options": (("xla_cpu_enable_fast_math", False),)})
+    with pytest.raises(ValueError, match="jax.pmap compiles without per-program options"):
+        parallel.compiler_options(pmap.parallel, "cpu")
+    with pytest.raises(ValueError, match="jax.pmap compiles without per-program options"):
+        _placement(pmap)

@@ -305,6 +305,8 @@ BAD_VALUES = [
     ("train.skip_nonfinite_steps", -1, ">= 0"),
     ("checkpoint.async_save", 1, "a bool, got int"),
     ("parallel.mode", "pjit", "'jit' or 'pmap'"),
+    ("parallel.xla_options", ("xla_cpu_enable_fast_math", False), "(name, value) pairs"),
+    ("parallel.xla_options", (("--xla_dump_to", "/tmp"),), "starting 'xla_' (no '--')"),
     ("model.dtype", "float8", "unknown dtype"),
 ]
 

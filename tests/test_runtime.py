@@ -105,6 +105,8 @@ def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
     flag, on_ynn, _ = _conv_in_subprocess("on", chosen)
     assert flag == "None" and on_ynn
     assert runtime.multithreaded_convolutions(False) is None
+    assert runtime.step_compiler_options("cpu") == {}  # off for the engine's steps too
+    runtime.multithreaded_convolutions()  # back on (the suite's flag is in XLA_FLAGS: nothing else changes)
     if runtime.jaxlib_version() < (0, 11):
         import jax
 
@@ -119,6 +121,67 @@ def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
         finally:
             os.environ["XLA_FLAGS"] = saved
         assert any("after JAX started" in str(w.message) for w in caught)
+
+
+# The engine's train step of a "model" that is one convolution (the same 32-channel one), compiled
+# by parallel.setup in a process whose XLA_FLAGS carry no fusion setting; argv[1] "default" leaves
+# jaxml.runtime alone (research code that never calls it), "off" calls multithreaded_convolutions(False).
+_ENGINE_CONV = """
+import sys
+from jaxml import runtime
+if sys.argv[1] == "off":
+    runtime.multithreaded_convolutions(False)
+import flax.struct, jax, jax.numpy as jnp, ml_collections
+from jax import lax
+from jaxml.train import parallel
+@flax.struct.dataclass
+class State:
+    step: jax.Array
+    w: jax.Array
+def init(rng, batch):
+    return State(step=jnp.zeros((), jnp.int32), w=jax.random.normal(rng, (3, 3, 32, 32)) * 0.1)
+def train_step(state, batch, rng):  # no reductions or dots: YNNPACK's name means the convolution
+    y = lax.conv_general_dilated(batch["x"], state.w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return state, {"y": y}
+batch = {"x": jax.random.normal(jax.random.key(0), (64, 16, 16, 32))}
+cfg = parallel.default_config()
+placement = parallel.setup(cfg, init_fn=init, train_step=train_step, eval_step=None, example_batch=batch,
+                           global_batch_size=64, devices=jax.devices()[:1])
+state = placement.init(jax.random.key(1), batch)
+compiled = placement.train_step.lower(state, placement.place_batch(batch), jax.random.key(2)).compile()
+print("ynn" in compiled.as_text())
+"""
+
+
+def _engine_conv_on_ynnpack(mode: str) -> bool:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _ENGINE_CONV, mode], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")[0] == "True"
+
+
+def test_engine_steps_get_multithreaded_convolutions_without_the_process_flag():
+    """Research code that never calls jaxml.runtime (or a notebook that calls it after JAX started)
+    still gets Eigen's multithreaded convolutions in the engine's steps: per program."""
+    default, off = _engine_conv_on_ynnpack("default"), _engine_conv_on_ynnpack("off")
+    if runtime.jaxlib_version() < (0, 11):
+        assert off and not default, (off, default)
+    else:  # nothing to change: YNNPACK's convolutions use every core there
+        assert off == default
+        assert runtime.step_compiler_options("cpu") == {}
+    assert runtime.step_compiler_options("gpu") == {}
+
+
+def test_step_compiler_options_leave_a_users_fusion_flag_and_the_off_switch(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert runtime.step_compiler_options("cpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    expected = {} if runtime.jaxlib_version() >= (0, 11) else {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+    assert runtime.step_compiler_options("cpu") == expected
+    monkeypatch.setattr(runtime, "_convolutions_wanted", [False])
+    assert runtime.step_compiler_options("cpu") == {}
 
 
 def test_unrolled_threefry_keeps_the_random_bits_and_drops_the_loops():

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxml import runtime
+
 PyTree = Any
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -39,7 +41,52 @@ def default_config() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("conv_out", "tensor"),
     )
+    # XLA compile options for the train and eval steps (jit mode), as (name, value) pairs: the
+    # DebugOptions names XLA_FLAGS takes, without "--", e.g.
+    # (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),).
+    # Per program, so they need no restart and A/B in one process; enum values by full name.
+    c.xla_options = ()
     return c
+
+
+def check_xla_options(options, mode: str = "jit") -> dict:
+    """`config.parallel.xla_options` as a dict; ValueError naming what was expected when an
+    entry is not a (name, value) pair of an `xla_...` string and a str/bool/int/float, a name
+    comes twice, or options are set in pmap mode (jax.pmap takes none: use XLA_FLAGS)."""
+    def bad(why):
+        return ValueError(f"config.parallel.xla_options={options!r} is invalid: expected {why}")
+
+    if isinstance(options, (str, bytes)) or not isinstance(options, (tuple, list)):
+        raise bad("a tuple of (name, value) pairs, e.g. (('xla_cpu_enable_fast_math', False),)")
+    out = {}
+    for entry in options:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+                and entry[0].startswith("xla_") and isinstance(entry[1], (str, bool, int, float))):
+            raise bad(f"(name, value) pairs of an XLA option name starting 'xla_' (no '--') and a "
+                      f"str, bool, int or float value; got the entry {entry!r}")
+        if entry[0] in out:
+            raise bad(f"each option once; {entry[0]!r} comes twice")
+        out[entry[0]] = entry[1]
+    if out and mode != "jit":
+        raise bad(f"() with parallel.mode={mode!r}: jax.pmap compiles without per-program options "
+                  f"(set them in XLA_FLAGS, or use mode='jit')")
+    return out
+
+
+def compiler_options(cfg: ml_collections.ConfigDict, platform: str) -> dict:
+    """The XLA compile options of the engine's jit-mode steps on `platform`: jaxml.runtime's
+    (`step_compiler_options`) with `cfg.xla_options` over them. XLA parses them here, on an
+    empty program, so a misspelt name or a value it rejects fails before the model compiles."""
+    own = check_xla_options(cfg.get("xla_options", ()), cfg.mode)
+    options = {**runtime.step_compiler_options(platform), **own}
+    if own:
+        try:
+            jax.jit(lambda: 0, compiler_options=options).lower().compile()
+        except Exception as e:  # jax.errors.JaxRuntimeError: XLA's INVALID_ARGUMENT, with its reason
+            raise ValueError(f"config.parallel.xla_options={cfg.xla_options!r} is invalid: XLA rejects "
+                             f"them: {e}. Expected XLA DebugOptions names (as in XLA_FLAGS, without '--') "
+                             f"with values of their type; enum values by full name") from e
+    return options
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -151,12 +198,13 @@ def state_shardings(init_fn, batch, mesh: Mesh, rules) -> tuple[PyTree, PyTree]:
     return shardings, abstract
 
 
-def jit_train_step(train_step, shardings, batch_sharding: NamedSharding):
-    """The jit-mode train step: state donated, rng folded with the step, metrics replicated."""
+def jit_train_step(train_step, shardings, batch_sharding: NamedSharding, options: dict | None = None):
+    """The jit-mode train step: state donated, rng folded with the step, metrics replicated;
+    `options`: XLA compile options (`compiler_options`)."""
     replicated = NamedSharding(batch_sharding.mesh, P())
     return jax.jit(_fold_step(train_step), donate_argnums=(0,),
                    in_shardings=(shardings, batch_sharding, replicated),
-                   out_shardings=(shardings, replicated))
+                   out_shardings=(shardings, replicated), compiler_options=options or None)
 
 
 def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, example_batch,
@@ -181,10 +229,12 @@ def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, exa
         return nn.unbox(init_fn(rng, batch))
 
     if cfg.mode == "jit":
+        options = compiler_options(cfg, mesh.devices.flat[0].platform)
         jit_init = jax.jit(unboxed_init, out_shardings=shardings)
-        step = jit_train_step(train_step, shardings, batch_sharding)
+        step = jit_train_step(train_step, shardings, batch_sharding, options)
         evaluate = None if eval_step is None else jax.jit(
-            eval_step, in_shardings=(shardings, batch_sharding), out_shardings=replicated)
+            eval_step, in_shardings=(shardings, batch_sharding), out_shardings=replicated,
+            compiler_options=options or None)
         return Placement(
             mesh=mesh, mode="jit", abstract_state=abstract,
             init=lambda rng, local_batch: jit_init(rng, place_global(local_batch)),
@@ -194,6 +244,7 @@ def setup(cfg: ml_collections.ConfigDict, *, init_fn, train_step, eval_step, exa
             train_step=step, eval_step=evaluate)
 
     if cfg.mode == "pmap":
+        check_xla_options(cfg.get("xla_options", ()), "pmap")
         return _pmap_placement(mesh, abstract, unboxed_init, train_step, eval_step)
     raise ValueError(f"parallel.mode must be 'jit' or 'pmap', got {cfg.mode!r}")
 

@@ -7,6 +7,7 @@ machine hits them alike and their *ratios* are the figures to trust.
 """
 
 import platform
+import re
 import statistics
 import time
 from typing import Callable
@@ -138,6 +139,24 @@ def paired_range(numerator_s: list[float], denominator_s: list[float]) -> tuple[
                          f"and {len(denominator_s)}")
     ratios = [a / b for a, b in zip(numerator_s, denominator_s)]
     return min(ratios), max(ratios)
+
+
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+
+
+def program_text(compiled) -> str:
+    """The optimised HLO of a compiled executable without its source metadata (op names, stack
+    frames, file locations), which differ between two traces of the same program: equal texts
+    mean XLA built the same program."""
+    kept, in_tables = [], False
+    for line in compiled.as_text().splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            in_tables = True
+        elif in_tables and (line.startswith("%") or line.startswith("ENTRY")):
+            in_tables = False
+        if not in_tables:
+            kept.append(_METADATA.sub("", line))
+    return "\n".join(kept)
 
 
 def steps_for(window: Callable[[int], None], target_s: float, cap: int = 200) -> int:

@@ -14,10 +14,13 @@ window, so machine noise hits all alike:
   - the PyTorch twin (benchmarks/torch_twins.py), eager and torch.compile: jaxml/PyTorch time ratios;
   - a bare hand-written jitted Flax step of the same model (the engine's overhead);
   - the real grain input pipeline vs one cached device batch (the pipeline's cost);
+  - with --xla-options, jaxml's own step compiled with other XLA options (per program:
+    config.parallel.xla_options), e.g. --xla-options "xla_cpu_enable_fast_math=True";
 then scaling curves (benchmarks/scaling.py). Writes results.json, results.md and scaling.png to --out.
 """
 
 import argparse
+import ast
 import datetime
 import functools
 import json
@@ -67,12 +70,43 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-unrolled-threefry", action="store_true",
                     help="keep JAX's rolled threefry loop on CPU (by default, as the CLI does, the hash is lowered "
                          "unrolled, as on GPU/TPU: jaxml.runtime.unrolled_threefry)")
+    ap.add_argument("--xla-options", nargs="+", default=[], metavar="NAME=VALUE[;NAME=VALUE]",
+                    help="variants of jaxml's step, each compiled with these XLA options (per program, as "
+                         "config.parallel.xla_options sets them) and timed interleaved with the default step; "
+                         "XLA_FLAGS names without '--', values as Python literals or plain strings, enum values "
+                         "by full name")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="only merge the results.json of earlier runs (e.g. one process per family) into --out")
     args = ap.parse_args(argv)
+    try:
+        args.xla_variants = [xla_variant(v) for v in args.xla_options]
+    except ValueError as e:
+        ap.error(str(e))
     args.windows = args.windows or (2 if args.quick else 5)
     args.window_s = args.window_s or (0.05 if args.quick else 0.5)
     return args
+
+
+def xla_variant(text: str) -> tuple[tuple[str, object], ...]:
+    """"name=value;name=value" as config.parallel.xla_options pairs; a value that reads as a
+    Python literal (True, 2, 0.5) is one, anything else a string (enum names, comma lists)."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--xla-options {text!r}: expected NAME=VALUE items separated by ';', got {item!r}")
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            value = value.strip()
+        pairs.append((name.strip(), value))
+    if not pairs:
+        raise ValueError(f"--xla-options {text!r}: expected at least one NAME=VALUE")
+    return tuple(pairs)
+
+
+def _variant_label(pairs) -> str:
+    return "; ".join(f"{k}={v}" for k, v in pairs)
 
 
 def _names(spec: str, universe) -> list[str]:
@@ -108,6 +142,15 @@ def main(argv=None) -> dict:
 
     if args.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu asked for, but JAX's backend is {jax.default_backend()!r}")
+    from jaxml.train import parallel
+
+    for pairs in args.xla_variants:  # XLA parses each variant now, before any family runs
+        check = parallel.default_config()
+        check.xla_options = pairs
+        try:
+            parallel.compiler_options(check, jax.default_backend())
+        except ValueError as e:
+            raise SystemExit(f"--xla-options {_variant_label(pairs)!r}: {e}")
     try:
         from benchmarks import torch_twins
         import torch
@@ -195,6 +238,18 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
            "params": int(params), "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "flops_per_step": flops, "flops_source": flops_source,
            "memory": measure.memory_of(compiled)}
     windows = {"jaxml": _jax_window(compiled, state, batch, key)}
+    variants = []  # (label, pairs, compile_s, program changed)
+    for pairs in args.xla_variants:
+        config = w.config.copy_and_resolve_references()
+        config.parallel.xla_options = pairs
+        placed = parallel.setup(config.parallel, init_fn=functools.partial(w.experiment.init, config),
+                                train_step=functools.partial(w.experiment.train_step, config), eval_step=None,
+                                example_batch=w.batch, global_batch_size=batch_size, devices=jax.devices()[:1])
+        variant_state = placed.init(key, w.batch)  # its own state: the step donates it
+        variant, variant_compile_s, _ = measure.compile_timed(placed.train_step, variant_state, batch, key)
+        label = f"xla {_variant_label(pairs)}"
+        windows[label] = _jax_window(variant, variant_state, batch, key)
+        variants.append((label, pairs, variant_compile_s, measure.program_text(variant) != measure.program_text(compiled)))
     if bare:
         bare_state, bare_step = families.bare_step(w.kind, families.model_of(w), w.config, w.batch)
         bare_compiled, row["bare_compile_s"], _ = measure.compile_timed(bare_step, bare_state, batch, key)
@@ -229,6 +284,14 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
                                                                     timed[label]["window_s"])
             row[f"{label}_cpu_ms"] = 1e3 * timed[label]["cpu_s"]
             row[f"jaxml_over_{label}_cpu"] = timed["jaxml"]["cpu_s"] / timed[label]["cpu_s"]
+    # Variant over default (not jaxml over the other, as above): below 1.0 the options help.
+    row["xla_variants"] = [
+        {"options": [list(p) for p in pairs], "ms": 1e3 * timed[label]["median_s"],
+         "cpu_ms": 1e3 * timed[label]["cpu_s"], "ratio": timed[label]["median_s"] / step_s,
+         "ratio_range": measure.paired_range(timed[label]["window_s"], timed["jaxml"]["window_s"]),
+         "ratio_cpu": timed[label]["cpu_s"] / timed["jaxml"]["cpu_s"], "compile_s": variant_compile_s,
+         "program_changed": changed}
+        for label, pairs, variant_compile_s, changed in variants]
     return row
 
 
@@ -375,6 +438,9 @@ def _family_line(r: dict) -> str:
         if f"{label}_ms" in r:
             s += (f"  {label} {r[f'{label}_ms']:.2f} ms (x{_ratio(r, f'jaxml_over_{label}', '.2f')}; "
                   f"CPU time x{r[f'jaxml_over_{label}_cpu']:.2f})")
+    for v in r.get("xla_variants", []):
+        s += (f"\n  xla {_variant_label(v['options'])}: {v['ms']:.2f} ms/step, x{_ratio(v, 'ratio', '.3f')} the "
+              f"default step (CPU time x{v['ratio_cpu']:.3f}); optimised HLO {'changed' if v['program_changed'] else 'the same'}")
     return s + "".join(f"  [{n}]" for n in r["notes"])
 
 
@@ -420,6 +486,14 @@ def markdown(out: dict) -> str:
     notes = [f"{r['family']}: {n}" for r in out["families"] for n in r["notes"]]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    variants = [(r, v) for r in out["families"] for v in r.get("xla_variants", [])]
+    if variants:
+        lines += ["", "| XLA options (per program) | family | ms/step | over the default step | in CPU time "
+                  "| compile s | optimised HLO |", "|---|---|---|---|---|---|---|"]
+        for r, v in variants:
+            lines.append(f"| `{_variant_label(v['options'])}` | {r['family']} | {v['ms']:.2f} | "
+                         f"{_ratio(v, 'ratio', '.3f')} | {v['ratio_cpu']:.3f} | {v['compile_s']:.1f} | "
+                         f"{'changed' if v['program_changed'] else 'the same'} |")
     if out["pipeline"]:
         lines += ["", "| input pipeline | dataset | batch | grain steps/s | cached-batch steps/s | ratio "
                   "| ratio in CPU time | whole loop steps/s |", "|---|---|---|---|---|---|---|---|"]

@@ -11,8 +11,10 @@ from benchmarks import families, measure, run
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
+    # Two variants of the engine's step: without YNNPACK (another program), and an option at its default.
     out = run.main(["--quick", "--only", "cnn", "--torch", "none", "--pipeline", "none", "--no-scaling",
-                    "--windows", "1", "--out", str(tmp_path)])
+                    "--windows", "1", "--out", str(tmp_path),
+                    "--xla-options", "xla_cpu_experimental_ynn_fusion_type=", "xla_cpu_enable_fast_math=False"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["machine"]["jax"] == jax.__version__ and saved["machine"]["peak_flops"] > 0
     (row,) = saved["families"]
@@ -28,6 +30,45 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert "| cnn |" in table and table == run.markdown(out) + "\n"
     ratio = row["jaxml_over_bare"]
     assert f"| {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in table
+    no_ynn, default_valued = row["xla_variants"]
+    assert no_ynn["options"] == [["xla_cpu_experimental_ynn_fusion_type", ""]] and no_ynn["program_changed"]
+    assert default_valued["options"] == [["xla_cpu_enable_fast_math", False]]
+    assert not default_valued["program_changed"]
+    for v in (no_ynn, default_valued):
+        assert v["ms"] > 0 and v["ratio"] == pytest.approx(v["ms"] / row["step_ms"])
+        assert v["ratio_range"] == pytest.approx([v["ratio"]] * 2) and v["compile_s"] > 0
+    assert f"| `xla_cpu_experimental_ynn_fusion_type=` | cnn | {no_ynn['ms']:.2f} |" in table
+    assert "| `xla_cpu_enable_fast_math=False` | cnn |" in table and "| the same |" in table
+
+
+def test_xla_option_variants_parse_and_bad_ones_stop_the_run_before_any_family():
+    assert run.xla_variant("xla_a=True; xla_b=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE;xla_c=2") == (
+        ("xla_a", True), ("xla_b", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"), ("xla_c", 2))
+    for bad in ("xla_a", "=1", " ; "):
+        with pytest.raises(ValueError, match="expected"):
+            run.xla_variant(bad)
+    with pytest.raises(SystemExit, match="No such compile option: 'xla_cpu_enable_fast_mathh'"):
+        run.main(["--quick", "--only", "cnn", "--torch", "none", "--no-scaling",
+                  "--xla-options", "xla_cpu_enable_fast_mathh=True"])
+    with pytest.raises(SystemExit):  # argparse: a usage error
+        run.main(["--xla-options", "no_value"])
+
+
+def test_program_text_ignores_where_the_program_was_traced_from():
+    import re
+    import types
+
+    import jax.numpy as jnp
+
+    compiled = jax.jit(lambda a: jnp.tanh(a).sum()).lower(jnp.ones(8)).compile()
+    text = compiled.as_text()
+    assert "stack_frame_id=" in text and "FileLocations" in text
+    # The same program traced from elsewhere: other source lines and frame ids, nothing else.
+    moved = re.sub(r"stack_frame_id=\d+", "stack_frame_id=77", re.sub(r"line=\d+", "line=999", text))
+    assert moved != text
+    assert measure.program_text(types.SimpleNamespace(as_text=lambda: moved)) == measure.program_text(compiled)
+    other = jax.jit(lambda a: jnp.sin(a).sum()).lower(jnp.ones(8)).compile()
+    assert measure.program_text(other) != measure.program_text(compiled)
 
 
 def test_cpu_description_names_the_model_and_its_vector_units():

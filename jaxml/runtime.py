@@ -10,6 +10,7 @@ flags, a notebook may call them in its first cell.
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import warnings
@@ -127,6 +128,7 @@ def keep_host_memory(enabled: bool = True) -> str | None:
 
 # The XLA flag naming which ops XLA:CPU hands to YNNPACK (jaxlib 0.10's default: dots, convolutions, reductions).
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
 _convolutions_wanted = [True]  # the last multithreaded_convolutions(enabled); on by default, as in the CLI
 
 
@@ -174,20 +176,44 @@ def multithreaded_convolutions(enabled: bool = True) -> str | None:
     return flag
 
 
-def step_compiler_options(platform: str) -> dict[str, str]:
+def step_compiler_options(platform: str) -> dict[str, object]:
     """XLA compile options the engine gives its jit-mode train and eval steps on `platform`
-    (`parallel.setup` adds `config.parallel.xla_options` over them): the per-program form of
-    `multithreaded_convolutions()`, so that its steps get convolutions on all cores also where
-    XLA_FLAGS could not carry the setting: a notebook that ran JAX before calling it, research
-    code that never does. Empty (nothing to change) off CPU, on jaxlib >= 0.11, after
-    `multithreaded_convolutions(False)`, and where XLA_FLAGS names the fusion types already
-    (set early, or the user's own choice: it stands).
+    (`parallel.setup` puts `config.parallel.xla_options` over them, so a user's value wins):
+
+    - XLA:CPU's copy insertion with region analysis
+      (`xla_cpu_copy_insertion_use_region_analysis`): XLA then drops the copies it otherwise
+      makes of donated params at the start of every step (the CNN's dense kernel, 512 KB, and
+      others): the same program otherwise, bitwise the same updates, and steps 0.92-0.95x (CNN),
+      0.94x (ResNet-50), 0.96-0.99x (U-Net, LSTM, ResNet-20), 1.0x (GPT, ViT) on jax 0.10.2
+      (`benchmarks.run --xla-options`, 2 cores, 2026-12-07); on 0.12.1 ResNet-50 0.95x, the
+      CNN 1.0x. Left out where XLA_FLAGS names it, or where this jaxlib has no such option.
+    - on jaxlib 0.10, the per-program form of `multithreaded_convolutions()`, so that the steps
+      get convolutions on all cores also where XLA_FLAGS could not carry the setting: a notebook
+      that ran JAX before calling it, research code that never does. Not after
+      `multithreaded_convolutions(False)`, nor where XLA_FLAGS names the fusion types already
+      (set early, or the user's own choice: it stands).
+
+    Empty off CPU.
     """
-    if (platform != "cpu" or jaxlib_version() >= (0, 11) or not _convolutions_wanted[0]
-            or _YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")):
+    if platform != "cpu":
         return {}
-    # The same choice as the XLA_FLAGS value `individual_dot,reduce`, in the option's enum names.
-    return {_YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+    flags, options = os.environ.get("XLA_FLAGS", ""), {}
+    if _REGION_ANALYSIS not in flags and _accepts(_REGION_ANALYSIS, True):
+        options[_REGION_ANALYSIS] = True
+    if jaxlib_version() < (0, 11) and _convolutions_wanted[0] and _YNN_FUSION_FLAG not in flags:
+        # The same choice as the XLA_FLAGS value `individual_dot,reduce`, in the option's enum names.
+        options[_YNN_FUSION_FLAG] = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    return options
+
+
+@functools.cache
+def _accepts(name: str, value) -> bool:
+    """Whether this jaxlib's XLA takes the compile option (one empty program, compiled once)."""
+    try:
+        jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
+    except Exception:  # jax.errors.JaxRuntimeError: "No such compile option"
+        return False
+    return True
 
 
 def unrolled_threefry(enabled: bool = True) -> str | None:

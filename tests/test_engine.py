@@ -242,6 +242,34 @@ def test_xla_options_reach_the_train_and_eval_steps():
     assert not any("ynn" in text for text in chosen)
 
 
+def test_engine_steps_drop_the_copies_of_donated_params_and_update_them_the_same():
+    """XLA:CPU's copy insertion with region analysis (jaxml.runtime.step_compiler_options): the
+    engine's step no longer copies donated params at its start; the updates stay bitwise equal."""
+    from jaxml.train import parallel
+
+    def run(**overrides):
+        config = tiny_config(**overrides)
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.random((16, 28, 28, 1), np.float32), "label": rng.integers(0, 10, 16).astype(np.int32)}
+        placement = parallel.setup(config.parallel, init_fn=lambda r, b: cnn.init(config, r, b),
+                                   train_step=lambda s, b, r: cnn.train_step(config, s, b, r), eval_step=None,
+                                   example_batch=batch, global_batch_size=16, devices=jax.devices()[:1])
+        state, placed = placement.init(jax.random.key(0), batch), placement.place_batch(batch)
+        text = placement.train_step.lower(state, placed, jax.random.key(1)).compile().as_text()
+        entry = text[text.index("\nENTRY"):]
+        param_copies = sum(" copy(%state_params" in line for line in entry.splitlines())
+        for _ in range(3):
+            state, _ = placement.train_step(state, placed, jax.random.key(1))
+        return param_copies, jax.tree.map(np.asarray, state.params)
+
+    copies, params = run()
+    xla_default_copies, xla_default_params = run(**{"parallel.xla_options": (
+        ("xla_cpu_copy_insertion_use_region_analysis", False),)})  # a user's value wins
+    assert copies < xla_default_copies, (copies, xla_default_copies)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(xla_default_params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_xla_options_xla_rejects_fail_before_the_model_compiles():
     from jaxml import config as config_lib
     from jaxml.train import parallel

@@ -105,7 +105,7 @@ def test_multithreaded_convolutions_leaves_a_users_choice_and_warns_when_late():
     flag, on_ynn, _ = _conv_in_subprocess("on", chosen)
     assert flag == "None" and on_ynn
     assert runtime.multithreaded_convolutions(False) is None
-    assert runtime.step_compiler_options("cpu") == {}  # off for the engine's steps too
+    assert "xla_cpu_experimental_ynn_fusion_type" not in runtime.step_compiler_options("cpu")  # off for the steps too
     runtime.multithreaded_convolutions()  # back on (the suite's flag is in XLA_FLAGS: nothing else changes)
     if runtime.jaxlib_version() < (0, 11):
         import jax
@@ -169,19 +169,23 @@ def test_engine_steps_get_multithreaded_convolutions_without_the_process_flag():
         assert off and not default, (off, default)
     else:  # nothing to change: YNNPACK's convolutions use every core there
         assert off == default
-        assert runtime.step_compiler_options("cpu") == {}
+        assert "xla_cpu_experimental_ynn_fusion_type" not in runtime.step_compiler_options("cpu")
     assert runtime.step_compiler_options("gpu") == {}
 
 
-def test_step_compiler_options_leave_a_users_fusion_flag_and_the_off_switch(monkeypatch):
+def test_step_compiler_options_leave_a_users_flags_and_the_off_switch(monkeypatch):
+    region = {"xla_cpu_copy_insertion_use_region_analysis": True}
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert runtime.step_compiler_options("cpu") == {}
+    assert runtime.step_compiler_options("cpu") == region
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    expected = {} if runtime.jaxlib_version() >= (0, 11) else {
+    convolutions = {} if runtime.jaxlib_version() >= (0, 11) else {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-    assert runtime.step_compiler_options("cpu") == expected
+    assert runtime.step_compiler_options("cpu") == {**region, **convolutions}
     monkeypatch.setattr(runtime, "_convolutions_wanted", [False])
+    assert runtime.step_compiler_options("cpu") == region
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
     assert runtime.step_compiler_options("cpu") == {}
+    assert not runtime._accepts("xla_cpu_no_such_option", True)  # an older jaxlib's XLA: left out
 
 
 def test_unrolled_threefry_keeps_the_random_bits_and_drops_the_loops():

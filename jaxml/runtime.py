@@ -5,7 +5,8 @@ lowered on CPU.
 
 All must run before the first computation (the hash's lowering: before the programs it
 should apply to are traced); `cli.main` calls them right after parsing
-flags, a notebook may call them in its first cell.
+flags, a notebook may call them in its first cell. `step_compiler_options` is the exception:
+the XLA options the engine compiles its own steps with, per program, whenever they compile.
 """
 
 import ctypes

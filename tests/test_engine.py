@@ -218,6 +218,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path,
 
 
 def _placement(config):
+    """The CNN's engine placement for `config` on one device: (placement, state, placed batch)."""
     from jaxml.train import parallel
 
     rng = np.random.default_rng(0)
@@ -226,8 +227,11 @@ def _placement(config):
                                train_step=lambda s, b, r: cnn.train_step(config, s, b, r),
                                eval_step=lambda s, b: cnn.eval_step(config, s, b), example_batch=batch,
                                global_batch_size=16, devices=jax.devices()[:1])
-    state = placement.init(jax.random.key(0), batch)
-    placed = placement.place_batch(batch)
+    return placement, placement.init(jax.random.key(0), batch), placement.place_batch(batch)
+
+
+def _compiled_texts(config):
+    placement, state, placed = _placement(config)
     train = placement.train_step.lower(state, placed, jax.random.key(1)).compile().as_text()
     evaluate = placement.eval_step.lower(state, {**placed, "mask": jax.numpy.ones(16)}).compile().as_text()
     return train, evaluate
@@ -236,8 +240,8 @@ def _placement(config):
 def test_xla_options_reach_the_train_and_eval_steps():
     """An XLA option set in the config changes both compiled steps (here: no YNNPACK fusion at all,
     where XLA:CPU otherwise runs the dense layers' dots and the reductions on it)."""
-    default = _placement(tiny_config())
-    chosen = _placement(tiny_config(**{"parallel.xla_options": (("xla_cpu_experimental_ynn_fusion_type", ""),)}))
+    default = _compiled_texts(tiny_config())
+    chosen = _compiled_texts(tiny_config(**{"parallel.xla_options": (("xla_cpu_experimental_ynn_fusion_type", ""),)}))
     assert all("ynn" in text for text in default)
     assert not any("ynn" in text for text in chosen)
 
@@ -245,16 +249,9 @@ def test_xla_options_reach_the_train_and_eval_steps():
 def test_engine_steps_drop_the_copies_of_donated_params_and_update_them_the_same():
     """XLA:CPU's copy insertion with region analysis (jaxml.runtime.step_compiler_options): the
     engine's step no longer copies donated params at its start; the updates stay bitwise equal."""
-    from jaxml.train import parallel
 
     def run(**overrides):
-        config = tiny_config(**overrides)
-        rng = np.random.default_rng(0)
-        batch = {"image": rng.random((16, 28, 28, 1), np.float32), "label": rng.integers(0, 10, 16).astype(np.int32)}
-        placement = parallel.setup(config.parallel, init_fn=lambda r, b: cnn.init(config, r, b),
-                                   train_step=lambda s, b, r: cnn.train_step(config, s, b, r), eval_step=None,
-                                   example_batch=batch, global_batch_size=16, devices=jax.devices()[:1])
-        state, placed = placement.init(jax.random.key(0), batch), placement.place_batch(batch)
+        placement, state, placed = _placement(tiny_config(**overrides))
         text = placement.train_step.lower(state, placed, jax.random.key(1)).compile().as_text()
         entry = text[text.index("\nENTRY"):]
         param_copies = sum(" copy(%state_params" in line for line in entry.splitlines())

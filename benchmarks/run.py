@@ -222,12 +222,9 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     import jax
 
     from benchmarks import families, measure
-    from jaxml.train import parallel
 
     batch_size = w.config.data.batch_size
-    placement = parallel.setup(w.config.parallel, init_fn=functools.partial(w.experiment.init, w.config),
-                               train_step=functools.partial(w.experiment.train_step, w.config), eval_step=None,
-                               example_batch=w.batch, global_batch_size=batch_size, devices=jax.devices()[:1])
+    placement = _engine_placement(w, w.config, w.batch)
     key = jax.random.key(0)
     state = placement.init(key, w.batch)
     batch = placement.place_batch(w.batch)
@@ -239,17 +236,16 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
            "memory": measure.memory_of(compiled)}
     windows = {"jaxml": _jax_window(compiled, state, batch, key)}
     variants = []  # (label, pairs, compile_s, program changed)
+    default_program = measure.program_text(compiled) if args.xla_variants else None
     for pairs in args.xla_variants:
         config = w.config.copy_and_resolve_references()
         config.parallel.xla_options = pairs
-        placed = parallel.setup(config.parallel, init_fn=functools.partial(w.experiment.init, config),
-                                train_step=functools.partial(w.experiment.train_step, config), eval_step=None,
-                                example_batch=w.batch, global_batch_size=batch_size, devices=jax.devices()[:1])
+        placed = _engine_placement(w, config, w.batch)
         variant_state = placed.init(key, w.batch)  # its own state: the step donates it
         variant, variant_compile_s, _ = measure.compile_timed(placed.train_step, variant_state, batch, key)
         label = f"xla {_variant_label(pairs)}"
         windows[label] = _jax_window(variant, variant_state, batch, key)
-        variants.append((label, pairs, variant_compile_s, measure.program_text(variant) != measure.program_text(compiled)))
+        variants.append((label, pairs, variant_compile_s, measure.program_text(variant) != default_program))
     if bare:
         bare_state, bare_step = families.bare_step(w.kind, families.model_of(w), w.config, w.batch)
         bare_compiled, row["bare_compile_s"], _ = measure.compile_timed(bare_step, bare_state, batch, key)
@@ -295,6 +291,18 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     return row
 
 
+def _engine_placement(w, config, example_batch):
+    """The engine's one-device placement of `w`'s experiment under `config` (its train step only)."""
+    import jax
+
+    from jaxml.train import parallel
+
+    return parallel.setup(config.parallel, init_fn=functools.partial(w.experiment.init, config),
+                          train_step=functools.partial(w.experiment.train_step, config), eval_step=None,
+                          example_batch=example_batch, global_batch_size=config.data.batch_size,
+                          devices=jax.devices()[:1])
+
+
 def _jax_window(compiled, state, batch, key, holder: list | None = None):
     """Runs n steps of `compiled` on `batch`; the state lives in `holder` (shared by windows that
     take turns on one donated state)."""
@@ -322,16 +330,13 @@ def bench_pipeline(w, args) -> dict:
 
     from benchmarks import measure
     from jaxml import data
-    from jaxml.train import parallel
 
     dc = w.config.data
     source = data.load_source(dc.name, dc.train_split, dc.data_dir, cache=dc.cache)
     iterator = iter(data.train_dataset(source, global_batch_size=dc.batch_size, seed=dc.seed,
                                        num_workers=dc.num_workers))
     example = next(iter(data.train_dataset(source, global_batch_size=dc.batch_size, seed=dc.seed)))
-    placement = parallel.setup(w.config.parallel, init_fn=functools.partial(w.experiment.init, w.config),
-                               train_step=functools.partial(w.experiment.train_step, w.config), eval_step=None,
-                               example_batch=example, global_batch_size=dc.batch_size, devices=jax.devices()[:1])
+    placement = _engine_placement(w, w.config, example)
     key = jax.random.key(0)
     state = placement.init(key, example)
     cached = placement.place_batch(example)

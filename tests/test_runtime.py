@@ -2,6 +2,7 @@
 multithreaded convolutions (jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen) and
 threefry unrolled on CPU (the same random bits without the rolled loop)."""
 
+import json
 import os
 import platform
 import subprocess
@@ -22,29 +23,31 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b.T)
 a, b = jnp.ones((4608, 16)), jnp.ones((16, 4096))
 assert f.lower(a, b).compile().memory_analysis().temp_size_in_bytes >= 72 * 2**20
-windows = []
-for _ in range(9):  # the first windows may still grow the heap
+faults = []
+for _ in range(42):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        f(a, b).block_until_ready()
-    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
-print(sorted(windows)[4], windows)
+    f(a, b).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[2:])
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_host_memory tunes glibc's malloc")
 def test_kept_host_memory_stops_per_call_page_faults_of_the_temporaries():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's run
-    faults = {}
+    faulting = {}
     for mode in ("off", "on"):
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env,
                              timeout=300)
         assert out.returncode == 0, out.stderr
         setting, per_call = out.stdout.split("\n")[:2]
-        faults[mode] = float(per_call.split()[0])
         assert (setting == "None") == (mode == "off"), setting
-    # 72 MB is 18,432 pages: glibc hands the block back after every call unless kept.
-    assert faults["off"] > 9000 and faults["on"] < 1000, faults
+        # 72 MB is 18,432 pages: a call that faults its temporary in again counts about that many.
+        faulting[mode] = [n for n in json.loads(per_call) if n > 9000]
+    # glibc hands the block back after every call unless kept. Kept, the heap grows by a few blocks
+    # before it settles (XLA's aligned blocks cannot reuse a freed block of their own size that small
+    # allocations have since hemmed in), then no call faults: 3-6 calls in 40 on a loaded 2-core VM.
+    assert len(faulting["off"]) == 40 and len(faulting["on"]) <= 10, faulting
 
 
 def test_disabled_is_a_no_op_and_a_late_call_warns():

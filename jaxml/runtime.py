@@ -110,8 +110,10 @@ def keep_host_memory(enabled: bool = True) -> str | None:
     M_MMAP_MAX says), so every step page-faults its temporaries back in: 37,000 faults, 35-60
     ms of ResNet-20's ~350 ms step on a 2-core VM. One arena, no mmap and no trimming keep
     the block, as tcmalloc or jemalloc would. The cost is host memory: the heap grows by a few
-    blocks before it settles (glibc 2.36 cannot hand XLA's 64-byte-aligned block a freed block
-    of the same size once small allocations sit on both sides of it), and never shrinks. On
+    blocks before it settles, and never shrinks (XLA at times allocates a call's temporaries
+    before the previous call's are freed, and glibc 2.36 cannot hand its posix_memalign(64, n)
+    a freed block of exactly n bytes, so each overlap leaves a block only smaller requests
+    reuse). On
     the benchmark's sizes (2 cores, 80 steps) ResNet-20's peak RSS went 717 -> 1028 MB with
     162 MB of temporaries, the GPT's 697 -> 994 MB with 113 MB; after at most 15 steps no step
     faulted (step 173 -> 157 ms, 105 -> 82 ms). Call before the first computation: threads

@@ -113,11 +113,10 @@ def keep_host_memory(enabled: bool = True) -> str | None:
     blocks before it settles, and never shrinks (XLA at times allocates a call's temporaries
     before the previous call's are freed, and glibc 2.36 cannot hand its posix_memalign(64, n)
     a freed block of exactly n bytes, so each overlap leaves a block only smaller requests
-    reuse). On
-    the benchmark's sizes (2 cores, 80 steps) ResNet-20's peak RSS went 717 -> 1028 MB with
-    162 MB of temporaries, the GPT's 697 -> 994 MB with 113 MB; after at most 15 steps no step
-    faulted (step 173 -> 157 ms, 105 -> 82 ms). Call before the first computation: threads
-    started earlier keep their own arenas.
+    reuse). At the benchmark's sizes (2 cores, 80 steps) ResNet-20's peak RSS went 717 -> 1028
+    MB with 162 MB of temporaries, the GPT's 697 -> 994 MB with 113 MB; after at most 15 steps
+    no step faulted (median step 173 -> 157 ms, 105 -> 82 ms). Call before the first
+    computation: threads started earlier keep their own arenas.
     """
     if not enabled or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None

@@ -58,7 +58,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # vs 22 s unrolled), the choice for deep models (benchmarks/README "scaling").
         scan_layers=False,
         # Per block, which activations the backward pass keeps: none | full | dots_saveable |
-        # dots_with_no_batch_dims_saveable (jaxml.models.remat); memory for recompute time.
+        # dots_with_no_batch_dims_saveable (jaxml.models.remat); memory for recompute time
+        # (with jax 0.10 on CPU only for scanned layers: scan_layers=True).
         remat="none",
         use_fused=False,
         rope=False,

@@ -57,8 +57,8 @@ def wrap(module_cls: type[nn.Module], remat: bool | str, *, scanned: bool = Fals
     if not scanned and merges_unrolled_recomputation():
         warnings.warn(f"remat={name!r} on {module_cls.__name__} outside a scan saves no memory on jaxlib "
                       f"{'.'.join(map(str, runtime.jaxlib_version()))}'s CPU backend: XLA merges the recomputation "
-                      "back into the forward pass (it only costs time). Scan the layers (model.scan_layers=True) "
-                      "or use jaxlib >= 0.11 (Python >= 3.12 here) for the memory saving.", stacklevel=2)
+                      "back into the forward pass (it only costs time). For the memory saving scan the layers "
+                      "(a transformer stack's model.scan_layers=True) or use jaxlib >= 0.11.", stacklevel=2)
     if name == "full":
         policy = None  # jax.checkpoint's default: nothing saveable but the inputs
     elif name == "dots_saveable":

@@ -2,6 +2,8 @@
 gradients as none, really wraps the blocks in jax.checkpoint with its policy, and an unknown
 policy is refused with the choices before anything compiles."""
 
+import warnings
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -132,8 +134,6 @@ def test_unrolled_remat_saves_memory_exactly_where_no_warning_says_it_cannot():
     """jaxlib 0.10's XLA:CPU merges an unrolled block's recomputation back into the forward pass
     (the backward pass keeps every activation), so `remat.wrap` warns there; scanned stacks save
     memory everywhere. The warning must match what XLA does on this jaxlib (3.11 and 3.12 CI)."""
-    import warnings
-
     tokens = jax.random.randint(jax.random.key(0), (8, 128), 0, 50)
     temp_mb, warned = {}, {}
     for scan in (False, True):

@@ -46,8 +46,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         groups=8,
         dropout=0.0,
         dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU); params, output and loss stay float32
-        # residual blocks: none | full | dots_saveable | dots_with_no_batch_dims_saveable (no memory
-        # saved with jax 0.10 on CPU, where XLA merges unrolled recomputation back: jaxml.models.remat)
+        # residual blocks: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+        # (jaxml.models.remat; memory for recompute time)
         remat="none",
     ))
     c.diffusion = ml_collections.ConfigDict(dict(

@@ -59,7 +59,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         scan_layers=False,
         # Per block, which activations the backward pass keeps: none | full | dots_saveable |
         # dots_with_no_batch_dims_saveable (jaxml.models.remat); memory for recompute time
-        # (with jax 0.10 on CPU only for scanned layers: scan_layers=True).
+        # (unrolled layers on jax 0.10's CPU backend take a custom VJP: no forward mode through them).
         remat="none",
         use_fused=False,
         rope=False,

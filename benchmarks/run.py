@@ -56,7 +56,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help="skip the U-Net sampling timing (DDPM 1000 levels vs DDIM 50 steps, per image)")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling", default="batch,seq_len,width,depth,remat",
-                    help="which scaling sweeps to run (remat: GPT step time and temporaries per remat policy)")
+                    help="which scaling sweeps to run (remat: GPT and U-Net step time and temporaries per remat policy)")
     ap.add_argument("--torch-omp-passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE for PyTorch (only on a machine shared with other jobs: on an idle "
                          "one it makes PyTorch's small-op steps up to 1.6x slower than its default)")

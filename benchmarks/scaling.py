@@ -1,6 +1,7 @@
 """Scaling curves: step time against batch size (CNN), sequence length (GPT, einsum vs fused
 attention), width (GPT) and depth (GPT compile time, scanned vs unrolled layers); and the
-rematerialisation policies (GPT: step time and the compiled step's temporary memory).
+rematerialisation policies (GPT, scanned and unrolled, and the diffusion U-Net's residual
+blocks: step time and the compiled step's temporary memory).
 
 Each point jits the experiment's own train step with donation, on one cached batch; step
 times are medians of timed windows, in wall time and in CPU time of this process (all its
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import measure
-from experiments import cnn, gpt
+from benchmarks import families, measure
+from experiments import cnn, diffusion, gpt
 from jaxml.models import remat
 
 SIZES = {
@@ -31,8 +32,9 @@ SIZES = {
     "remat": (remat.CHOICES,) * 3,  # policies, not sizes
 }
 # The remat sweep's GPT: (layers, width, context, batch); long contexts, where activations dominate memory.
-# Both layouts: XLA:CPU keeps the unrolled stack's memory whatever the policy (its scheduler is free to
-# run the recomputation early), while a scanned stack's loop saves only what the policy keeps.
+# Both layouts: unrolled blocks take jaxml.models.remat's cotangent-tied form where XLA would merge a plain
+# recomputation back into the forward pass (jaxlib < 0.11 on CPU), scanned ones plain jax.checkpoint.
+# The U-Net's residual blocks (unrolled) at the benchmark family's size follow the GPT's rows.
 REMAT_GPT = {"cpu": (4, 128, 256, 8), "gpu": (12, 768, 1024, 8), "quick": (2, 32, 32, 4)}
 
 
@@ -75,6 +77,16 @@ def _tokens(c):
     rng = np.random.default_rng(0)
     return {"tokens": jnp.asarray(rng.integers(0, c.model.vocab_size, (c.data.batch_size, c.model.max_len + 1),
                                                dtype=np.int32))}
+
+
+def _unet_remat_point(policy: str, device: str, quick: bool, windows: int, target_s: float) -> dict:
+    """The remat sweep's row for the benchmark family's U-Net with `policy` on every residual block."""
+    w = families.workload("unet", device, quick=quick)
+    w.config.model.remat = policy
+    m = w.config.model
+    size = f"{w.config.data.batch_size}x{m.image_size}x{m.image_size}"
+    return {"model": f"unet ch{m.channels} mults {'-'.join(map(str, m.channel_mults))}, {size}",
+            "remat": policy, "layers": "unrolled", **_time_step(diffusion, w.config, w.batch, windows, target_s)}
 
 
 def _gpt_point(c, windows, target_s):
@@ -132,6 +144,11 @@ def run(quick: bool, windows: int, target_s: float, log=print, sweeps=tuple(SIZE
             out["remat"].append(row)
             log(f"  scaling remat {policy} {row['layers']}: {row['step_ms']:.1f} ms/step ({row['cpu_ms']:.1f} CPU), "
                 f"temporaries {row['temp_mb']:.1f} MB")
+    for policy in pick("remat"):
+        row = _unet_remat_point(policy, device, tier == "quick", windows, target_s)
+        out["remat"].append(row)
+        log(f"  scaling remat {policy} unet: {row['step_ms']:.1f} ms/step ({row['cpu_ms']:.1f} CPU), "
+            f"temporaries {row['temp_mb']:.1f} MB")
     return out
 
 
@@ -152,30 +169,34 @@ def _panel(ax, rows, x: str, y: str, group: str | None = None, yscale: str = "lo
 
 
 def _remat_panel(ax, rows) -> None:
-    """Temporary memory (bars) and CPU time per step (markers, right axis) of each remat policy and layout."""
-    ax.set(title="GPT: remat policy")
+    """Temporary memory (bars) and CPU time per step (markers, right axis) of each remat policy, per
+    model and layout (results from before the U-Net rows name the GPT's layout alone)."""
+    ax.set(title="remat policy")
     if not rows:
         return
     policies = list(dict.fromkeys(r["remat"] for r in rows))
-    layouts = list(dict.fromkeys(r.get("layers", "?") for r in rows))
+    group = lambda r: f"{r['model'].split()[0]} {r.get('layers', '?')}"
+    groups = list(dict.fromkeys(group(r) for r in rows))
     at = np.arange(len(policies))
+    width = 0.8 / len(groups)
     twin = ax.twinx()
-    for i, layout in enumerate(layouts):
-        chosen = {r["remat"]: r for r in rows if r.get("layers", "?") == layout}
-        offset = (i - (len(layouts) - 1) / 2) * 0.4
-        ax.bar(at + offset, [(chosen[p]["temp_mb"] or 0) if p in chosen else 0 for p in policies], 0.38,
-               label=f"{layout}: temporaries MB")
+    for i, name in enumerate(groups):
+        chosen = {r["remat"]: r for r in rows if group(r) == name}
+        offset = (i - (len(groups) - 1) / 2) * width
+        ax.bar(at + offset, [(chosen[p]["temp_mb"] or 0) if p in chosen else 0 for p in policies], 0.95 * width,
+               label=f"{name}: temporaries MB")
         twin.plot(at + offset, [chosen[p].get("cpu_ms") or chosen[p]["step_ms"] if p in chosen else np.nan
-                                for p in policies], "kD" if i == 0 else "k^", label=f"{layout}: CPU ms/step")
+                                for p in policies], "k" + "D^svo"[i % 5], label=f"{name}: CPU ms/step")
     ax.set_xticks(at, [p.replace("_with_no_batch_dims", "_no_batch").replace("_saveable", "") for p in policies])
     ax.set_ylabel("compiled temporaries, MB")
     twin.set_ylabel("CPU ms / step")
     # Headroom above bars and markers for the legend.
-    ax.set_ylim(0, 1.6 * max(r["temp_mb"] or 0 for r in rows) or 1)
-    twin.set_ylim(0, 1.6 * max(r.get("cpu_ms") or r["step_ms"] for r in rows))
+    ax.set_ylim(0, 1.8 * max(r["temp_mb"] or 0 for r in rows) or 1)
+    twin.set_ylim(0, 1.8 * max(r.get("cpu_ms") or r["step_ms"] for r in rows))
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="upper center", ncol=2)
-    ax.set_title(f"{rows[0]['model']}: remat policy")
+    ax.legend(handles=handles, fontsize=6, loc="upper center", ncol=2)
+    ax.set_title(f"{rows[0]['model']}" + (" and the U-Net" if len({r["model"] for r in rows}) > 1 else "")
+                 + ": remat policy")
 
 
 def plot(path: str, curves: dict) -> None:

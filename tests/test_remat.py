@@ -184,3 +184,16 @@ def test_hessian_vector_products_work_and_forward_mode_names_itself_where_tied(t
     else:
         _, tangent = jax.jvp(f["full"], (params,), (params,))
         np.testing.assert_allclose(tangent, jax.jvp(f["none"], (params,), (params,))[1], rtol=1e-4)
+
+
+def test_the_tie_leaves_the_residuals_unchanged_whatever_the_cotangent():
+    residuals = {"x": jnp.arange(6.0).reshape(2, 3), "bf16": jnp.ones(3, jnp.bfloat16), "key": jax.random.key(0),
+                 "ids": jnp.arange(4)}
+    for first in (2.5, 0.0, -jnp.inf, jnp.inf, jnp.nan):  # a non-finite cotangent must not poison them (0 * inf)
+        cotangent = (jnp.full((2, 2), 7.0).at[0, 0].set(first), None)
+        tied = jax.jit(remat._tie)(residuals, cotangent)
+        for name in ("x", "bf16", "ids"):
+            np.testing.assert_array_equal(tied[name], residuals[name], err_msg=f"{name}, cotangent[0] = {first}")
+            assert tied[name].dtype == residuals[name].dtype
+        assert tied["key"].dtype == residuals["key"].dtype
+    assert remat._tie(residuals, (None,)) is residuals  # nothing to tie to

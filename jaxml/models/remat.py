@@ -22,9 +22,7 @@ the diffusion benchmark's U-Net 29.0 against 49.6 (plain: 49.2; jax 0.12.1: 28.7
 same gradients (`tests/test_remat.py`, with dropout). What it costs: plain forward mode
 (`jax.jvp` of the model) through such a block raises JAX's "can't apply forward-mode autodiff
 (jvp) to a custom_vjp function" (scanned stacks, remat="none" and jaxlib >= 0.11 keep plain
-`jax.checkpoint`, which has it; forward over reverse, Hessian-vector products, works), and a
-non-finite g[0] makes every gradient of the block NaN (0 * inf), where the loss's gradient is
-non-finite anyway.
+`jax.checkpoint`, which has it; forward over reverse, Hessian-vector products, works).
 """
 
 import flax.linen as nn
@@ -103,12 +101,13 @@ def _tied(module_cls: type[nn.Module], policy, static_argnums: tuple[int, ...]) 
 
 
 def _tie(residuals, cotangent):
-    """`residuals` with `0.0 * c` added to each floating-point leaf, c one element of the cotangent:
-    the same values, computed only once the cotangent exists (XLA keeps x * 0.0, which is NaN
-    for x = inf or NaN)."""
+    """`residuals` with a zero computed from c, one element of the cotangent, added to each
+    floating-point leaf: the same values, computed only once the cotangent exists. The zero is
+    `0.0 * c` where c is finite (XLA keeps x * 0.0: it is NaN for x = inf or NaN), else 0.0."""
     floats = [leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     if not floats:
         return residuals
-    zero = 0.0 * floats[0].reshape(-1)[0]
+    c = floats[0].reshape(-1)[0]
+    zero = jnp.where(jnp.isfinite(c), 0.0 * c, 0.0)
     inexact = lambda leaf: hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
     return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype) if inexact(leaf) else leaf, residuals)

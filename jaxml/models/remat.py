@@ -105,10 +105,10 @@ def _tie(residuals, cotangent):
     """`residuals` with a zero computed from c, one element of the cotangent, added to each
     floating-point leaf: the same values, computed only once the cotangent exists. The zero is
     `0.0 * c` where c is finite (XLA keeps x * 0.0: it is NaN for x = inf or NaN), else 0.0."""
-    floats = [leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size]
+    inexact = lambda leaf: hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    floats = [leaf for leaf in jax.tree.leaves(cotangent) if inexact(leaf) and leaf.size]
     if not floats:
         return residuals
     c = floats[0].reshape(-1)[0]
     zero = jnp.where(jnp.isfinite(c), 0.0 * c, 0.0)
-    inexact = lambda leaf: hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
     return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype) if inexact(leaf) else leaf, residuals)

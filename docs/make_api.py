@@ -44,9 +44,9 @@ def _signature(obj) -> str:
         signature = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
-    # Defaults without a repr of their own (Flax's parent sentinel) print their address: drop
-    # it, so the page changes only when an API does.
-    return re.sub(r" object at 0x[0-9a-f]+>", ">", signature)
+    # Defaults without a repr of their own (Flax's parent sentinel, initializer functions)
+    # print their address: drop it, so the page changes only when an API does.
+    return re.sub(r" (?:object )?at 0x[0-9a-f]+>", ">", signature)
 
 
 def describe(name: str) -> list[str]:

@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 
 from jaxml.models import _checks
 from jaxml.models.dense import Dense
+from jaxml.models.norm import BatchNorm
 from jaxml.train import parallel
 
 
@@ -38,8 +39,8 @@ class CNN(nn.Module):
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.lecun_normal(), (None,) * rank + ("conv_in", "conv_out")))(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                                 axis_name=parallel.pmap_axis_name())(x)
+                x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                              axis_name=parallel.pmap_axis_name())(x)
             x = nn.relu(x)
             if i in self.pool_after:
                 x = max_pool_2x(x)

@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from jaxml.models import _checks
 from jaxml.models.dense import Dense
+from jaxml.models.norm import BatchNorm
 from jaxml.train import parallel
 
 
@@ -29,7 +30,7 @@ class Generator(nn.Module):
         if height % factor or width % factor:
             raise ValueError(f"Generator with {len(self.features)} upsamplings needs H, W divisible by {factor}, "
                              f"got {self.image_shape}")
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
                                  axis_name=parallel.pmap_axis_name())
         h = Dense(height // factor * width // factor * self.features[0], use_bias=False)(z_BxZ)
         h = einops.rearrange(h, "b (h w c) -> b h w c", h=height // factor, w=width // factor)

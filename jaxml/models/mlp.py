@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from jaxml.models import _checks
 from jaxml.models.dense import Dense
+from jaxml.models.norm import BatchNorm
 from jaxml.train import parallel
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
@@ -67,8 +68,8 @@ class MLP(nn.Module):
             if self.norm == "layer":
                 h_BxH = nn.LayerNorm(dtype=self.dtype)(h_BxH)
             elif self.norm == "batch":
-                h_BxH = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                                     axis_name=parallel.pmap_axis_name())(h_BxH)
+                h_BxH = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                  axis_name=parallel.pmap_axis_name())(h_BxH)
             h_BxH = nn.Dropout(self.dropout, deterministic=not train)(act(h_BxH))
         logits_BxK = Dense(self.num_outputs, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("mlp", "classes")))(h_BxH)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxml.models import _checks, conv
+from jaxml.models import _checks, conv, norm
 from jaxml.models.dense import Dense
 from jaxml.train import parallel
 
@@ -44,9 +44,9 @@ def _relu(x):
     return jnp.where(x > 0, x, 0)
 
 
-def _norm(train: bool, dtype, zero_scale: bool = False) -> nn.BatchNorm:
+def _norm(train: bool, dtype, zero_scale: bool = False) -> norm.BatchNorm:
     # momentum 0.9 / eps 1e-5: torch's BatchNorm defaults, which the published numbers use.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+    return norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                         axis_name=parallel.pmap_axis_name(),
                         scale_init=nn.initializers.zeros_init() if zero_scale else nn.initializers.ones_init())
 

@@ -67,6 +67,10 @@ def parse(argv=None) -> argparse.Namespace:
                     help="leave XLA:CPU's convolutions where the installed jaxlib puts them (by default, as the CLI "
                          "does, jaxlib 0.10's single-threaded YNNPACK convolutions go to Eigen: "
                          "jaxml.runtime.multithreaded_convolutions)")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="run the CPU as this many XLA devices, jaxml's step data parallel over them, convolutions "
+                         "on YNNPACK's one thread per device (jaxml.runtime.cpu_devices, the CLI's --cpu_devices); "
+                         "the bare Flax step, which is one device's, is left out then")
     ap.add_argument("--no-unrolled-threefry", action="store_true",
                     help="keep JAX's rolled threefry loop on CPU (by default, as the CLI does, the hash is lowered "
                          "unrolled, as on GPU/TPU: jaxml.runtime.unrolled_threefry)")
@@ -82,6 +86,12 @@ def parse(argv=None) -> argparse.Namespace:
         args.xla_variants = [xla_variant(v) for v in args.xla_options]
     except ValueError as e:
         ap.error(str(e))
+    if args.cpu_devices < 1:
+        ap.error(f"--cpu-devices {args.cpu_devices}: expected a device count >= 1")
+    if args.cpu_devices > 1 and args.device != "cpu":
+        ap.error("--cpu-devices splits the CPU: it goes with --device cpu")
+    if args.cpu_devices > 1:  # their one-device programs would run under the split run's settings
+        args.no_scaling = args.no_sampling = True
     args.windows = args.windows or (2 if args.quick else 5)
     args.window_s = args.window_s or (0.05 if args.quick else 0.5)
     return args
@@ -134,7 +144,9 @@ def main(argv=None) -> dict:
     from jaxml import runtime
 
     malloc_note = runtime.keep_host_memory(not args.no_keep_host_memory)
-    runtime.multithreaded_convolutions(not args.no_multithreaded_convolutions)
+    runtime.cpu_devices(args.cpu_devices)
+    # Split into devices, each program's convolutions run best on YNNPACK's one thread (as the CLI does).
+    runtime.multithreaded_convolutions(not args.no_multithreaded_convolutions and args.cpu_devices == 1)
     threefry_note = runtime.unrolled_threefry(not args.no_unrolled_threefry)
     import jax
 
@@ -142,6 +154,10 @@ def main(argv=None) -> dict:
 
     if args.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu asked for, but JAX's backend is {jax.default_backend()!r}")
+    if jax.device_count() < args.cpu_devices:
+        raise SystemExit(f"--cpu-devices {args.cpu_devices}: JAX has {jax.device_count()} device(s) (XLA_FLAGS "
+                         f"named another count before this run: {os.environ.get('XLA_FLAGS', '')!r})")
+    _DEVICES[0] = args.cpu_devices
     from jaxml.train import parallel
 
     for pairs in args.xla_variants:  # XLA parses each variant now, before any family runs
@@ -165,7 +181,7 @@ def main(argv=None) -> dict:
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
-                    "device_kind": jax.devices()[0].device_kind, "devices_used": 1,
+                    "device_kind": jax.devices()[0].device_kind, "devices_used": args.cpu_devices,
                     "cpu": measure.cpu_description(),
                     "peak_flops": peak, "peak_source": peak_source, "torch": torch_note,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": malloc_note or "glibc default",
@@ -179,7 +195,7 @@ def main(argv=None) -> dict:
           f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); {torch_note}; malloc: {out['machine']['malloc']}", flush=True)
     torch_set = set(_names(args.torch, families.FAMILIES)) if torch_twins else set()
     compile_set = set(_names(args.torch_compile, families.FAMILIES)) & torch_set
-    bare_set = set(_names(args.bare, families.FAMILIES))
+    bare_set = set(_names(args.bare, families.FAMILIES)) if args.cpu_devices == 1 else set()
     for name in only:
         w = families.workload(name, args.device, args.quick, dtype)
         row = bench_family(w, args, peak, torch_twins if name in torch_set else None, name in compile_set,
@@ -229,7 +245,11 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     state = placement.init(key, w.batch)
     batch = placement.place_batch(w.batch)
     compiled, compile_s, compile_cpu_s = measure.compile_timed(placement.train_step, state, batch, key)
-    flops, flops_source = w.flops() if w.flops is not None else (measure.flops_of(compiled), "XLA cost analysis")
+    # XLA's cost analysis counts one device's program: the whole step's is that times the devices
+    # (the optimizer update each device repeats on replicated params counted on each).
+    flops, flops_source = w.flops() if w.flops is not None else (
+        measure.flops_of(compiled) * _DEVICES[0],
+        "XLA cost analysis" + (f", x {_DEVICES[0]} devices" if _DEVICES[0] > 1 else ""))
     params = sum(x.size for x in jax.tree.leaves(state.params))
     row = {"family": w.name, "size": w.size, "dtype": w.dtype, "unit": w.unit, "batch": batch_size,
            "params": int(params), "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "flops_per_step": flops, "flops_source": flops_source,
@@ -291,8 +311,12 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
     return row
 
 
+_DEVICES = [1]  # how many devices the engine's step runs on (--cpu-devices)
+
+
 def _engine_placement(w, config, example_batch):
-    """The engine's one-device placement of `w`'s experiment under `config` (its train step only)."""
+    """The engine's placement of `w`'s experiment under `config` (its train step only) on the
+    first `_DEVICES` devices: one, or the CPU's split (--cpu-devices), data parallel."""
     import jax
 
     from jaxml.train import parallel
@@ -300,7 +324,7 @@ def _engine_placement(w, config, example_batch):
     return parallel.setup(config.parallel, init_fn=functools.partial(w.experiment.init, config),
                           train_step=functools.partial(w.experiment.train_step, config), eval_step=None,
                           example_batch=example_batch, global_batch_size=config.data.batch_size,
-                          devices=jax.devices()[:1])
+                          devices=jax.devices()[:_DEVICES[0]])
 
 
 def _jax_window(compiled, state, batch, key, holder: list | None = None):
@@ -467,11 +491,13 @@ def markdown(out: dict) -> str:
     xla_flags = f"; XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else ""
     omp = f" (OMP_WAIT_POLICY={m['omp_wait_policy']})" if m.get("omp_wait_policy") else " (OpenMP defaults)"
     cpu = f"{m['cpu']}, " if m.get("cpu") else ""  # results written before the CPU was recorded lack it
+    split = (f"; the CPU as {m['devices_used']} XLA devices, jaxml's step data parallel over them, YNNPACK "
+             f"convolutions" if m.get("devices_used", 1) > 1 else "")
     lines = [f"Measured {out['when']} on {m['device_kind']} ({m['backend']}, {cpu}{m['cpu_count']} cores, "
              f"load average {', '.join(f'{x:.1f}' for x in (m['load_avg_start'] or []))} at the start"
              f"{f', the highest of {len(peaks)} merged runs' if len(peaks) > 1 else ''}), "
              f"jax {m['jax']}, Python {m['python']}; {m['torch']}{omp}; malloc: {m.get('malloc', 'glibc default')}"
-             f"{xla_flags}{'; ' + m['threefry'] if m.get('threefry') else ''}. Peak "
+             f"{xla_flags}{'; ' + m['threefry'] if m.get('threefry') else ''}{split}. Peak "
              f"{'/'.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s ({m['peak_source']}; each row's MFU uses its "
              f"own run's). Command: `{out['command']}`.", "",
              "| family | size | compile s | ms/step | throughput | GFLOP/step | GFLOP/s | MFU | peak mem MB "
@@ -539,6 +565,10 @@ def merge(directories: list[str]) -> dict:
     for d in directories:
         with open(os.path.join(d, "results.json")) as f:
             runs.append(json.load(f))
+    split = {r["machine"].get("devices_used", 1) for r in runs}
+    if len(split) > 1:
+        raise SystemExit(f"--merge: these runs split the CPU into different device counts {sorted(split)} "
+                         f"(--cpu-devices); one table holds one setting")
     out = dict(runs[0], families=[], pipeline=[], scaling=None)
     out["command"] = " ; ".join(r["command"] for r in runs)
     loads = [r["machine"][k] for r in runs for k in ("load_avg_start", "load_avg_end") if r["machine"].get(k)]

@@ -41,6 +41,30 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert "| `xla_cpu_enable_fast_math=False` | cnn |" in table and "| the same |" in table
 
 
+def test_split_cpu_run_counts_every_devices_flops_and_is_never_merged_with_a_plain_one(tmp_path):
+    from jaxml import runtime
+
+    common = ["--quick", "--only", "cnn", "--torch", "none", "--pipeline", "none", "--no-scaling", "--no-sampling",
+              "--windows", "1"]
+    try:
+        one = run.main(common + ["--out", str(tmp_path / "one")])
+        two = run.main(common + ["--cpu-devices", "2", "--out", str(tmp_path / "two")])
+    finally:
+        runtime.multithreaded_convolutions()  # the split run turned the suite's setting off
+    (r1,), (r2,) = one["families"], two["families"]
+    assert one["machine"]["devices_used"] == 1 and two["machine"]["devices_used"] == 2
+    assert "bare_ms" in r1 and "bare_ms" not in r2  # the bare step is one device's: no like-for-like there
+    # XLA's cost analysis is per device: the split step's FLOPs are both halves', as one device's,
+    # and the optimizer update each device repeats on the replicated params (9% of this tiny step).
+    assert r1["flops_per_step"] <= r2["flops_per_step"] <= 1.15 * r1["flops_per_step"]
+    assert "x 2 devices" in r2["flops_source"] and "the CPU as 2 XLA devices" in run.markdown(two)
+    with pytest.raises(SystemExit, match="different device counts"):
+        run.merge([str(tmp_path / "one"), str(tmp_path / "two")])
+    for bad in (["--cpu-devices", "0"], ["--cpu-devices", "2", "--device", "gpu"]):
+        with pytest.raises(SystemExit):  # argparse: a usage error
+            run.main(bad)
+
+
 def test_xla_option_variants_parse_and_bad_ones_stop_the_run_before_any_family():
     assert run.xla_variant("xla_a=True; xla_b=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE;xla_c=2") == (
         ("xla_a", True), ("xla_b", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"), ("xla_c", 2))

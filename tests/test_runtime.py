@@ -63,6 +63,48 @@ def test_disabled_is_a_no_op_and_a_late_call_warns():
         assert any("before JAX started" in str(w.message) or "after JAX started" in str(w.message) for w in caught)
 
 
+_SPLIT = """
+import sys
+from jaxml import runtime
+print(runtime.cpu_devices(int(sys.argv[1])))
+import jax
+print(jax.device_count())
+"""
+
+
+def _split_in_subprocess(count: int, xla_flags: str | None = None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", _SPLIT, str(count)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    flag, devices = out.stdout.split("\n")[:2]
+    return flag, int(devices)
+
+
+def test_cpu_devices_splits_the_host_cpu_before_jax_starts():
+    assert _split_in_subprocess(2) == ("--xla_force_host_platform_device_count=2", 2)
+    assert _split_in_subprocess(1) == ("None", 1)
+    assert _split_in_subprocess(3, "--xla_force_host_platform_device_count=4") == ("None", 4)  # a set count stands
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="expected a device count"):
+            runtime.cpu_devices(bad)
+    import jax
+
+    jax.devices()  # the suite's backend is up; without its count in XLA_FLAGS the call is too late
+    saved = os.environ["XLA_FLAGS"]
+    try:
+        os.environ["XLA_FLAGS"] = saved.replace("--xla_force_host_platform_device_count=8", "")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert runtime.cpu_devices(2) is None
+        assert "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]
+    finally:
+        os.environ["XLA_FLAGS"] = saved
+    assert any("after JAX started" in str(w.message) for w in caught)
+
+
 # A ResNet-20 stage-2 convolution (32 channels: YNNPACK takes it in jaxlib 0.10) and its two gradients.
 _CONV = """
 import sys, time

@@ -9,9 +9,11 @@ Per family (benchmarks/families.py gives the fixed sizes): compile time, steady-
 time (median of timed windows after a warm-up, ended by block_until_ready), throughput,
 FLOPs per step from the compiled step's cost analysis, achieved FLOP/s and MFU against the
 device's peak (benchmarks/measure.py: datasheet peaks for H100/H200/A100/TPU v4-v6e, a measured
-matmul peak on CPU), and peak device memory. In the same process and interleaved window by
-window, so machine noise hits all alike:
-  - the PyTorch twin (benchmarks/torch_twins.py), eager and torch.compile: jaxml/PyTorch time ratios;
+matmul peak on CPU), and peak device memory. Interleaved window by window, so machine noise
+hits all alike:
+  - the PyTorch twin (benchmarks/torch_twins.py), eager and torch.compile, each in a worker
+    process of its own (benchmarks/torch_worker.py: beside XLA PyTorch ran slower): jaxml/PyTorch
+    time ratios;
   - a bare hand-written jitted Flax step of the same model (the engine's overhead);
   - the real grain input pipeline vs one cached device batch (the pipeline's cost);
   - with --xla-options, jaxml's own step compiled with other XLA options (per program:
@@ -270,21 +272,27 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
         bare_state, bare_step = families.bare_step(w.kind, families.model_of(w), w.config, w.batch)
         bare_compiled, row["bare_compile_s"], _ = measure.compile_timed(bare_step, bare_state, batch, key)
         windows["bare"] = _jax_window(bare_compiled, bare_state, batch, key)
-    notes = []
+    notes, workers = [], []
     if torch_twins is not None:
+        from benchmarks import torch_worker
+
         for label, comp in (("torch", False), ("torch.compile", True)) if torch_compile else (("torch", False),):
-            try:
+            try:  # in a process of its own: beside XLA's compiled step PyTorch ran slower (torch_worker)
                 t = time.perf_counter()
-                window, row["torch_params"] = torch_twins.build(w, compiled=comp, device=args.device)
-                window(1)  # torch.compile compiles here
+                twin = torch_worker.Twin(w.name, args.device, args.quick, w.dtype, compiled=comp,
+                                         keep_host_memory=not args.no_keep_host_memory)
+                workers.append(twin)
+                row["torch_params"] = twin.params
+                twin.window(1)  # torch.compile compiles here
                 row[f"{label}_first_step_s"] = time.perf_counter() - t
-                windows[label] = window
+                windows[label] = twin.window
             except Exception as e:  # torch.compile fails on some setups: report it, keep the rest
                 notes.append(f"{label} failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    for window in windows.values():
-        window(1)  # warm-up
-    steps = {name: measure.steps_for(window, args.window_s) for name, window in windows.items()}
-    timed = measure.interleaved(windows, steps, args.windows)
+    try:
+        timed, steps = _time_windows(windows, args)
+    finally:
+        for twin in workers:
+            twin.close()
     step_s = timed["jaxml"]["median_s"]
     row.update({
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * timed["jaxml"]["min_s"], "step_ms_max": 1e3 * timed["jaxml"]["max_s"],
@@ -309,6 +317,15 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
          "program_changed": changed}
         for label, pairs, variant_compile_s, changed in variants]
     return row
+
+
+def _time_windows(windows: dict, args) -> tuple[dict, dict]:
+    from benchmarks import measure
+
+    for window in windows.values():
+        window(1)  # warm-up
+    steps = {name: measure.steps_for(window, args.window_s) for name, window in windows.items()}
+    return measure.interleaved(windows, steps, args.windows), steps
 
 
 _DEVICES = [1]  # how many devices the engine's step runs on (--cpu-devices)

@@ -234,3 +234,27 @@ def test_data_parallel_train_step_moves_no_activations_between_devices(name):
     moved = {op: hlo.count(op + "(") for op in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")}
     assert not any(moved.values()), moved
     assert "all-reduce(" in hlo
+
+
+def test_pytorch_twin_runs_in_a_worker_process_of_its_own(tmp_path):
+    pytest.importorskip("torch", reason="the PyTorch twins need torch (jaxml[bench]; CI installs it on 3.11)")
+    from benchmarks import torch_worker
+
+    twin = torch_worker.Twin("cnn", "cpu", True, "float32", compiled=False, keep_host_memory=True)
+    try:
+        w = families.workload("cnn", quick=True)
+        shapes = jax.eval_shape(lambda r: w.experiment.init(w.config, r, w.batch), jax.random.key(0))
+        assert twin.params == sum(x.size for x in jax.tree.leaves(nn.unbox(shapes.params)))
+        cpu_s = twin.window(3)
+        assert isinstance(cpu_s, float) and cpu_s > 0
+    finally:
+        twin.close()
+    assert twin._proc.returncode == 0
+    with pytest.raises(RuntimeError, match="exited with status"):  # its traceback goes to stderr
+        torch_worker.Twin("alexnet", "cpu", True, "float32", compiled=False, keep_host_memory=True)
+    # In a run, the twin's CPU time is the worker's (this process only waits for it meanwhile).
+    out = run.main(["--quick", "--only", "cnn", "--torch", "cnn", "--torch-compile", "none", "--bare", "none",
+                    "--pipeline", "none", "--no-scaling", "--no-sampling", "--windows", "2", "--out", str(tmp_path)])
+    (row,) = out["families"]
+    assert row["torch_ms"] > 0 and row["torch_params"] == twin.params
+    assert row["torch_cpu_ms"] > 0.5 * row["torch_ms"], row  # a busy process: at least half a core

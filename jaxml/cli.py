@@ -68,7 +68,7 @@ def _define_launch_flags() -> None:
                       "jaxml.runtime.multithreaded_convolutions).")
     flags.DEFINE_integer("cpu_devices", 1, "Run the host CPU as this many XLA devices, the batch sharded over "
                          "them (data parallel); above 1 convolutions stay on YNNPACK's one thread per device. "
-                         "Faster on jaxlib 0.10 for the convolution-heavy U-Net and ResNet-20 (0.70-0.82x on 2 "
+                         "Faster on jaxlib 0.10 for the convolution-heavy U-Net and ResNet-20 (0.65-0.90x on 2 "
                          "cores), slower for the LSTM, ViT and ResNet-50 (jaxml.runtime.cpu_devices).")
     flags.DEFINE_bool("unrolled_threefry", True, "Lower jax.random's threefry hash on CPU without its rolled "
                       "loop, as on GPU/TPU: the same random bits, fewer tiny kernels per step "

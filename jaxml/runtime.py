@@ -192,7 +192,7 @@ def cpu_devices(count: int = 1) -> str | None:
     its share of the batch and XLA runs the programs side by side. On 2 cores with jaxlib
     0.10 and its single-threaded YNNPACK convolutions (so with `multithreaded_convolutions`
     off: the CLI turns it off for `--cpu_devices` above 1) the diffusion U-Net's step took
-    0.70-0.76x the time of one device with Eigen's convolutions, ResNet-20's 0.82x, the CNN's
+    0.65-0.76x the time of one device with Eigen's convolutions, ResNet-20's 0.82-0.90x, the CNN's
     1.0x; the ViT (1.17x), ResNet-50 at batch 8 (2x) and the LSTM (1.8x) were slower. On
     jaxlib 0.12, whose convolutions use every core anyway, the U-Net and ResNet-20 took 0.97x.
     The global batch must divide by `count`. A device count XLA_FLAGS names already stands

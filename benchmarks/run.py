@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     bare_set = set(_names(args.bare, families.FAMILIES)) if args.cpu_devices == 1 else set()
     for name in only:
         w = families.workload(name, args.device, args.quick, dtype)
-        row = bench_family(w, args, peak, torch_twins if name in torch_set else None, name in compile_set,
+        row = bench_family(w, args, peak, name in torch_set, name in compile_set,
                            name in bare_set and w.kind in ("classifier", "lm"))
         out["families"].append(row)
         print(_family_line(row), flush=True)
@@ -236,7 +236,7 @@ def _load():
 # ---- one family ------------------------------------------------------------------------
 
 
-def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: bool) -> dict:
+def bench_family(w, args, peak: float, with_torch: bool, torch_compile: bool, bare: bool) -> dict:
     import jax
 
     from benchmarks import families, measure
@@ -273,7 +273,7 @@ def bench_family(w, args, peak: float, torch_twins, torch_compile: bool, bare: b
         bare_compiled, row["bare_compile_s"], _ = measure.compile_timed(bare_step, bare_state, batch, key)
         windows["bare"] = _jax_window(bare_compiled, bare_state, batch, key)
     notes, workers = [], []
-    if torch_twins is not None:
+    if with_torch:
         from benchmarks import torch_worker
 
         for label, comp in (("torch", False), ("torch.compile", True)) if torch_compile else (("torch", False),):

@@ -72,14 +72,18 @@ print(jax.device_count())
 """
 
 
-def _split_in_subprocess(count: int, xla_flags: str | None = None) -> tuple[str, int]:
+def _printed(code: str, arg: str, xla_flags: str | None = None) -> list[str]:
+    """The lines `code` prints, run with `arg` in a fresh Python whose XLA_FLAGS are `xla_flags` (none if None)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run([sys.executable, "-c", _SPLIT, str(count)], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    flag, devices = out.stdout.split("\n")[:2]
+    return out.stdout.split("\n")
+
+
+def _split_in_subprocess(count: int, xla_flags: str | None = None) -> tuple[str, int]:
+    flag, devices = _printed(_SPLIT, str(count), xla_flags)[:2]
     return flag, int(devices)
 
 
@@ -125,12 +129,7 @@ print(float(sum(jnp.vdot(a, a) for a in compiled(x, w))))
 
 
 def _conv_in_subprocess(mode: str, xla_flags: str | None = None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if xla_flags is not None:
-        env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run([sys.executable, "-c", _CONV, mode], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    flag, on_ynn, loss = out.stdout.split("\n")[:3]
+    flag, on_ynn, loss = _printed(_CONV, mode, xla_flags)[:3]
     return flag, on_ynn == "True", float(loss)
 
 
@@ -200,11 +199,7 @@ print("ynn" in compiled.as_text())
 
 
 def _engine_conv_on_ynnpack(mode: str) -> bool:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", _ENGINE_CONV, mode], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split("\n")[0] == "True"
+    return _printed(_ENGINE_CONV, mode)[0] == "True"
 
 
 def test_engine_steps_get_multithreaded_convolutions_without_the_process_flag():

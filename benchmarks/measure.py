@@ -109,17 +109,26 @@ def memory_of(compiled) -> dict:
     return {"peak_bytes": int(peak), "temp_bytes": int(m.temp_size_in_bytes), "source": "compiled.memory_analysis()"}
 
 
-def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int], repeats: int) -> dict:
+def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int], repeats: int,
+                settle_steps: int = 1) -> dict:
     """Median seconds per step of each contender, timing their windows in turn `repeats` times.
 
     `windows[name](n)` runs n steps and returns only when they are done. `cpu_s` is the median
     CPU time of this process per step (all its threads): the work a step costs, which moves far
     less than the wall time when other jobs take the cores. A window run by another process
-    (the PyTorch worker) returns that process's CPU seconds, which count instead."""
+    (the PyTorch worker) returns that process's CPU seconds, which count instead.
+
+    Each timed window starts after `settle_steps` untimed steps of its own contender: the first
+    step after another contender's window runs cold (2 cores, jax 0.10.2, the GPT's engine step:
+    101 ms after a PyTorch worker's window, 107 after 0.5 s idle, 85 in steady state), so without
+    them whichever contender follows another process's window pays for it (the engine timed
+    after the PyTorch twin read 1.05-1.06x the bare step that followed it, 1.00 with no twin)."""
     times = {name: [] for name in windows}
     cpu = {name: [] for name in windows}
     for _ in range(repeats):
         for name, window in windows.items():
+            if settle_steps:
+                window(settle_steps)
             t, c = time.perf_counter(), time.process_time()
             elsewhere = window(steps[name])
             times[name].append((time.perf_counter() - t) / steps[name])

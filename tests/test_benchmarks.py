@@ -125,6 +125,33 @@ def test_paired_range_pairs_windows_of_the_same_round():
         measure.paired_range(jaxml_s, torch_s[:2])
 
 
+def test_interleaved_windows_start_warm(monkeypatch):
+    # A fake clock: a step costs 1.0 s, and the first step after a window of another process 3.0 s
+    # more (the cold start measured after a PyTorch worker's window). "engine" and "bare" share a
+    # process; "engine" always runs right after the worker's "torch", so only it (from the second
+    # round on) and "torch" (after "bare") would pay if windows started cold.
+    clock = {"now": 0.0, "last": None}
+
+    def contender(process, step_s=1.0):
+        def window(n):
+            cold = clock["last"] not in (None, process)
+            clock["now"] += n * step_s + (3.0 if cold else 0.0)
+            clock["last"] = process
+        return window
+
+    monkeypatch.setattr(measure, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock["now"]),
+                                                              "process_time": staticmethod(lambda: clock["now"])}))
+    windows = {"engine": contender("jax"), "bare": contender("jax"), "torch": contender("worker")}
+    steps = {"engine": 4, "bare": 4, "torch": 4}
+    warm = measure.interleaved(windows, steps, repeats=3)
+    assert all(warm[name]["window_s"] == [1.0, 1.0, 1.0] for name in windows)
+    assert warm["engine"]["cpu_s"] == warm["engine"]["median_s"] == 1.0
+    clock["last"] = None
+    cold = measure.interleaved(windows, steps, repeats=3, settle_steps=0)
+    assert cold["engine"]["window_s"] == [1.0, 1.75, 1.75] and cold["bare"]["window_s"] == [1.0, 1.0, 1.0]
+    assert cold["torch"]["window_s"] == [1.75, 1.75, 1.75]
+
+
 def test_markdown_shows_each_ratio_with_its_paired_range():
     row = {"jaxml_over_torch": 1.034, "jaxml_over_torch_range": [0.97, 1.10], "ratio": 0.95}
     assert run._ratio(row, "jaxml_over_torch", ".2f") == "1.03 (0.97-1.10)"

@@ -568,7 +568,7 @@ def markdown(out: dict) -> str:
                              f"{r['gflops_per_step']:.3f} | {r['gflops_per_s']:.1f} | {_f(r.get('temp_mb'), '.1f')} |")
     lines += ["", (f"Load average at the end: {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}. "
                    if m.get("load_avg_end") else "") +
-              "Ratios come from windows interleaved in turn (PyTorch's in a worker process of its own); absolute times drift with the machine's load. "
+              "Ratios come from windows interleaved in turn (PyTorch's in a worker process of its own), each after one untimed step of its own; absolute times drift with the machine's load. "
               "A ratio is that of the median window times; in brackets, the lowest and highest ratio of two "
               "windows timed back to back in the same round (a range that spans 1.0 is a tie)."]
     return "\n".join(lines)

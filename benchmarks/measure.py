@@ -119,10 +119,11 @@ def interleaved(windows: dict[str, Callable[[int], None]], steps: dict[str, int]
     (the PyTorch worker) returns that process's CPU seconds, which count instead.
 
     Each timed window starts after `settle_steps` untimed steps of its own contender: the first
-    step after another contender's window runs cold (2 cores, jax 0.10.2, the GPT's engine step:
-    101 ms after a PyTorch worker's window, 107 after 0.5 s idle, 85 in steady state), so without
-    them whichever contender follows another process's window pays for it (the engine timed
-    after the PyTorch twin read 1.05-1.06x the bare step that followed it, 1.00 with no twin)."""
+    step after another process's window, or after the machine idled, runs cold (2 cores, jax
+    0.10.2, the GPT's engine step: 101 ms after a PyTorch worker's window, 107 after 0.5 s idle,
+    85 in steady state), so without them whichever contender follows another process's window
+    pays for it (the engine, timed right after the PyTorch twin, read 1.05-1.06x the bare step
+    that followed it; 1.00 with no twin, and with the settle step)."""
     times = {name: [] for name in windows}
     cpu = {name: [] for name in windows}
     for _ in range(repeats):

@@ -104,3 +104,44 @@ def test_scanned_attention_stacks_one_weights_sized_residual():
     _, f_vjp = jax.vjp(layers, q, k, v)
     stacked_weights = [a for a in jax.tree.leaves(f_vjp) if a.shape == (3, 2, 4, 1, 5, 5)]
     assert len(stacked_weights) == 1 and stacked_weights[0].dtype == jnp.float32
+
+
+def _dot_generals(fn, *args) -> int:
+    return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(*args).eqns)
+
+
+@pytest.mark.parametrize("mask_batch", [4, 1, None])
+def test_batch_blocks_compute_the_same_attention(monkeypatch, mask_batch):
+    # GQA (4 query heads over 2 kv heads), a per-example padding mask, one broadcast over the batch, none.
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(keys[0], (4, 5, 4, 8)), jax.random.normal(keys[1], (4, 7, 2, 8)),
+               jax.random.normal(keys[2], (4, 7, 2, 8)))
+    valid_BxS = jnp.arange(7)[None] < jnp.array([7, 5, 3, 6])[:, None]
+    mask = None if mask_batch is None else attention.key_padding_mask(valid_BxS, 5)[:mask_batch]
+
+    def loss(q, k, v):
+        return (attention.dot_product_attention(q, k, v, mask) ** 2).sum()
+
+    results = {}
+    for blocks in (1, 2):
+        monkeypatch.setattr(attention, "BATCH_BLOCKS", blocks)
+        results[blocks] = (attention.dot_product_attention(q, k, v, mask), jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+        # Two blocks: each einsum of the forward pass twice, and the blocks' gradients side by side.
+        assert _dot_generals(lambda q, k, v: attention.dot_product_attention(q, k, v, mask), q, k, v) == 2 * blocks
+    np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for g2, g1 in zip(results[2][1], results[1][1]):
+        np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_blocks_by_backend_devices_and_batch(monkeypatch):
+    q = jnp.ones((4, 3, 2, 8))
+    # Attention-weight dropout draws one mask for the whole batch: it keeps one block.
+    monkeypatch.setattr(attention, "BATCH_BLOCKS", 2)
+    assert _dot_generals(lambda q: attention.dot_product_attention(q, q, q, None, dropout_rng=jax.random.key(0),
+                                                                   dropout=0.1), q) == 2
+    assert attention.batch_blocks(3) == 1  # a forced count applies where it divides the batch
+    monkeypatch.setattr(attention, "BATCH_BLOCKS", None)
+    assert jax.device_count() == 8 and attention.batch_blocks(4) == 1  # several devices: one block
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    old_jaxlib = attention.runtime.jaxlib_version() < (0, 11)
+    assert attention.batch_blocks(4) == (2 if old_jaxlib else 1) and attention.batch_blocks(3) == 1

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from jaxml import runtime
 from jaxml.models import _checks
 
 _NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked row gives uniform weights, not NaN
@@ -63,9 +64,43 @@ def _softmax_jvp(axis, primals, tangents):
     return y, y * (dx - jnp.sum(y * dx, axis=axis, keepdims=True))
 
 
+# The einsum path's batch blocks: None picks them by backend and jaxlib (`batch_blocks`); an
+# integer forces that many where it divides the batch (tests compare the two forms).
+BATCH_BLOCKS: int | None = None
+
+
+def batch_blocks(batch: int) -> int:
+    """How many batch blocks `dot_product_attention` computes side by side (read when a function
+    is traced): 2 on jaxlib < 0.11's CPU backend with one device and an even batch, else 1.
+
+    There YNNPACK runs each batched attention dot (the GPT's 32 x 4 heads of 64 x 32 x 64) on
+    one thread while the other core idles; two independent half-batch dots let XLA run them on
+    both. Interleaved A/B of the engine step (2 cores, jax 0.10.2): GPT 0.974x, 0.972x, ViT
+    0.975x, the U-Net 0.983x (its attention at 4x4); four blocks were slower (GPT 1.046x, ViT
+    1.031x); on jax 0.12.1 GPT 0.993x, ViT 1.011x, so not there. Several devices keep one block:
+    a contiguous half of a batch sharded over them would move rows between devices."""
+    if BATCH_BLOCKS is not None:
+        return BATCH_BLOCKS if batch % BATCH_BLOCKS == 0 else 1
+    return 2 if (runtime.jaxlib_version() < (0, 11) and jax.default_backend() == "cpu"
+                 and jax.device_count() == 1 and batch % 2 == 0) else 1
+
+
 def dot_product_attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, *, dropout_rng=None,
                           dropout: float = 0.0) -> Float[Array, "B L N H"]:
-    """softmax(q k^T / sqrt(H)) v with grouped-query heads; logits and softmax in float32."""
+    """softmax(q k^T / sqrt(H)) v with grouped-query heads; logits and softmax in float32.
+    On jaxlib 0.10's CPU the batch runs as two blocks side by side (`batch_blocks`), except
+    with attention-weight dropout (whose mask is drawn for the whole batch): the same function."""
+    blocks = 1 if dropout > 0.0 and dropout_rng is not None else batch_blocks(q_BxLxNxH.shape[0])
+    if blocks == 1:
+        return _attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, dropout_rng=dropout_rng, dropout=dropout)
+    whole = q_BxLxNxH.shape[0]
+    parts = [jnp.split(a, blocks, axis=0) if a is not None and a.shape[0] == whole else [a] * blocks
+             for a in (q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS)]
+    return jnp.concatenate([_attention(q, k, v, m) for q, k, v, m in zip(*parts)], axis=0)
+
+
+def _attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, *, dropout_rng=None,
+               dropout: float = 0.0) -> Float[Array, "B L N H"]:
     groups = k_BxSxGxH.shape[2]
     q_BxLxGxRxH = einops.rearrange(q_BxLxNxH, "b l (g r) h -> b l g r h", g=groups)
     scale = q_BxLxNxH.shape[-1] ** -0.5

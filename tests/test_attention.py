@@ -140,6 +140,9 @@ def test_batch_blocks_by_backend_devices_and_batch(monkeypatch):
     assert _dot_generals(lambda q: attention.dot_product_attention(q, q, q, None, dropout_rng=jax.random.key(0),
                                                                    dropout=0.1), q) == 2
     assert attention.batch_blocks(3) == 1  # a forced count applies where it divides the batch
+    monkeypatch.setattr(attention, "BATCH_BLOCKS", 0)
+    with pytest.raises(ValueError, match="BATCH_BLOCKS must be None or a positive integer, got 0"):
+        attention.batch_blocks(4)
     monkeypatch.setattr(attention, "BATCH_BLOCKS", None)
     assert jax.device_count() == 8 and attention.batch_blocks(4) == 1  # several devices: one block
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)

@@ -80,6 +80,8 @@ def batch_blocks(batch: int) -> int:
     1.031x); on jax 0.12.1 GPT 0.993x, ViT 1.011x, so not there. Several devices keep one block:
     a contiguous half of a batch sharded over them would move rows between devices."""
     if BATCH_BLOCKS is not None:
+        if isinstance(BATCH_BLOCKS, bool) or not isinstance(BATCH_BLOCKS, int) or BATCH_BLOCKS < 1:
+            raise ValueError(f"attention.BATCH_BLOCKS must be None or a positive integer, got {BATCH_BLOCKS!r}")
         return BATCH_BLOCKS if batch % BATCH_BLOCKS == 0 else 1
     return 2 if (runtime.jaxlib_version() < (0, 11) and jax.default_backend() == "cpu"
                  and jax.device_count() == 1 and batch % 2 == 0) else 1

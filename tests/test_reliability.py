@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import types
 
 import jax
@@ -146,6 +147,31 @@ def test_save_failing_beyond_its_retries_stops_with_previous_checkpoint_intact(t
     monkeypatch.undo()
     assert steps_in(tmp_path) == [4]
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if not n.isdigit()]  # no half-written dirs kept
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_save_waits_for_orbaxs_background_writes_before_removing_its_directory(tmp_path, monkeypatch,
+                                                                                    async_save):
+    """Orbax writes a step's metadata file into the new directory on a thread of its own; a save
+    that fails must let that write end before removing the directory, or the write lands in a
+    directory being deleted (left behind half-removed) or a deleted one (and fails the retry)."""
+    from orbax.checkpoint._src.metadata import checkpoint as ocp_metadata
+
+    real_write = ocp_metadata._MetadataStoreImpl.write
+
+    def slow_write(self, file_path, metadata):
+        time.sleep(0.3)  # a slow or busy file system
+        return real_write(self, file_path, metadata)
+
+    monkeypatch.setattr(ocp_metadata._MetadataStoreImpl, "write", slow_write)
+    full_disk(monkeypatch, failures=3)
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"step 8 .*No space left on device"):
+        loop.train(cnn, tiny_config(**{"checkpoint.save_retries": 1, "checkpoint.retry_wait_s": 0.0,
+                                       "checkpoint.async_save": async_save}), str(tmp_path))
+    time.sleep(0.6)  # whatever was still running in the background has finished by now
+    monkeypatch.undo()
+    assert steps_in(tmp_path) == [4]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if not n.isdigit()]
 
 
 # ---- bad checkpoints ---------------------------------------------------------------------------

@@ -183,6 +183,19 @@ class Checkpointer:
 
     def _remove_tmp(self, step: int) -> None:
         """Remove the temporary directory a failed save of `step` left (a retry starts clean)."""
+        # Orbax writes the new directory's step metadata on a thread of its own: let it finish
+        # first, or it lands in a directory being removed (which then stays, half-removed) or in
+        # a removed one (and its error fails the retry). The manager's own wait_until_finished
+        # returns at once when no save got as far as its finalize thread, so the checkpointer's
+        # is called (tests/test_reliability.py fails if Orbax renames it). An error it raises
+        # belongs to the save that failed, which is being reported or retried already.
+        # (A synchronous checkpointer writes it before returning and has no such method.)
+        wait = getattr(getattr(self.manager, "_checkpointer", None), "wait_until_finished", None)
+        try:
+            if wait is not None:
+                wait()
+        except Exception:  # noqa: BLE001
+            pass
         if jax.process_index() != 0:
             return
         for path in half_written(self.directory, step):

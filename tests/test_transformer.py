@@ -129,3 +129,70 @@ def test_encoder_ignores_padding_content_and_seq2seq_shapes():
     out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), src, src[:, :5], valid), src,
                                              src[:, :5], valid))
     assert out.shape == (2, 5, 20)
+
+
+def _dot_generals(fn, *args) -> int:
+    return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(*args).eqns)
+
+
+@pytest.mark.parametrize("kind", ["lm", "seq2seq"])
+def test_stack_blocks_compute_the_same_function(monkeypatch, kind):
+    """An unrolled stack in two batch blocks: the same outputs and gradients (an LM; an
+    encoder-decoder, whose padding masks and cross-attention context are split with the batch)."""
+    if kind == "lm":
+        model = transformer.DecoderLM(vocab_size=30, num_layers=2, features=32, num_heads=4, mlp_dim=64, max_len=16,
+                                      scan_layers=False, num_kv_heads=2)
+        args = (_tokens((4, 16), vocab=30),)
+    else:
+        model = transformer.EncoderDecoder(vocab_size=20, num_layers=2, features=32, num_heads=4, mlp_dim=64,
+                                           max_len=16, scan_layers=False)
+        args = (_tokens((4, 8), vocab=20), _tokens((4, 6), vocab=20, seed=1),
+                jnp.arange(8)[None] < jnp.array([[8], [5], [3], [7]]))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *args))["params"]
+
+    def loss(params):
+        return jnp.sum(jnp.sin(model.apply({"params": params}, *args)))
+
+    results, dots = {}, {}
+    for blocks in (1, 2):
+        monkeypatch.setattr(transformer, "STACK_BLOCKS", blocks)
+        results[blocks] = jax.jit(jax.value_and_grad(loss))(params)
+        dots[blocks] = _dot_generals(lambda p: model.apply({"params": p}, *args), params)
+    np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-5)
+    # Sums in another order: equal to float32 rounding of each gradient's scale.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max())),
+                 results[2][1], results[1][1])
+    assert dots[2] > dots[1]  # the layers' dots once per block: the blocks are really there
+
+
+def test_stack_blocks_run_each_layers_attention_in_one_block(monkeypatch):
+    """In blocks, a stack's layers run attention whole per block (not halved again): the stack's
+    dots exactly double, even where attention's own batch blocks are forced on."""
+    stack = _stack(scan_layers=False, layers=2)
+    x = jax.random.normal(jax.random.key(0), (4, 6, 16))
+    variables = jax.jit(stack.init)(jax.random.key(1), x)
+    counts = {}
+    for blocks in (1, 2):
+        monkeypatch.setattr(transformer, "STACK_BLOCKS", blocks)
+        monkeypatch.setattr(transformer.attention_lib, "BATCH_BLOCKS", 1 if blocks == 1 else 2)
+        counts[blocks] = _dot_generals(lambda x: stack.apply(variables, x), x)
+    assert counts[2] == 2 * counts[1]
+
+
+def test_stack_blocks_by_backend_devices_batch_and_decoding(monkeypatch):
+    assert jax.device_count() == 8 and transformer.stack_blocks(32) == 1  # several devices: one block
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert [transformer.stack_blocks(b) for b in (8, 15, 16, 17, 128)] == [1, 1, 2, 1, 2]
+    monkeypatch.setattr(transformer, "STACK_BLOCKS", 4)
+    assert transformer.stack_blocks(8) == 4 and transformer.stack_blocks(6) == 1  # forced, where it divides
+    monkeypatch.setattr(transformer, "STACK_BLOCKS", 0)
+    with pytest.raises(ValueError, match="STACK_BLOCKS must be None or a positive integer, got 0"):
+        transformer.stack_blocks(8)
+    # Decoding keeps one block (the KV cache holds the whole batch): cached steps equal the full forward.
+    monkeypatch.setattr(transformer, "STACK_BLOCKS", 2)
+    model = transformer.Tiny(vocab_size=40, scan_layers=False)
+    tokens = _tokens((2, 6), vocab=40)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens))["params"]
+    cache = model.init(jax.random.key(0), tokens, decode=True)["cache"]
+    logits, _ = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+    np.testing.assert_allclose(logits, model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ attend to a key. The einsum path is the reference; `use_fused` calls
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import einops
@@ -69,6 +70,23 @@ def _softmax_jvp(axis, primals, tangents):
 BATCH_BLOCKS: int | None = None
 
 
+def resolve_blocks(setting: str, forced: int | None, batch: int, auto: Callable[[], int]) -> int:
+    """The batch blocks a function computes side by side: `forced` (a module's `*_BLOCKS`
+    setting) where it divides `batch`, else 1; `auto()` when `forced` is None. Blocks are a
+    speed setting, never a function change, so a batch they do not divide runs as one."""
+    if forced is None:
+        return auto()
+    if isinstance(forced, bool) or not isinstance(forced, int) or forced < 1:
+        raise ValueError(f"{setting} must be None or a positive integer, got {forced!r}")
+    return forced if batch % forced == 0 else 1
+
+
+def one_cpu_device() -> bool:
+    """True on the CPU backend with one device: there a batch can be split in blocks freely
+    (with several devices a contiguous half of a sharded batch would move rows between them)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def batch_blocks(batch: int) -> int:
     """How many batch blocks `dot_product_attention` computes side by side (read when a function
     is traced): 2 on jaxlib < 0.11's CPU backend with one device and an even batch, else 1.
@@ -78,21 +96,22 @@ def batch_blocks(batch: int) -> int:
     both. Interleaved A/B of the engine step (2 cores, jax 0.10.2): GPT 0.974x, 0.972x, ViT
     0.975x, the U-Net 0.983x (its attention at 4x4); four blocks were slower (GPT 1.046x, ViT
     1.031x); on jax 0.12.1 GPT 0.993x, ViT 1.011x, so not there. Several devices keep one block:
-    a contiguous half of a batch sharded over them would move rows between devices."""
-    if BATCH_BLOCKS is not None:
-        if isinstance(BATCH_BLOCKS, bool) or not isinstance(BATCH_BLOCKS, int) or BATCH_BLOCKS < 1:
-            raise ValueError(f"attention.BATCH_BLOCKS must be None or a positive integer, got {BATCH_BLOCKS!r}")
-        return BATCH_BLOCKS if batch % BATCH_BLOCKS == 0 else 1
-    return 2 if (runtime.jaxlib_version() < (0, 11) and jax.default_backend() == "cpu"
-                 and jax.device_count() == 1 and batch % 2 == 0) else 1
+    a contiguous half of a batch sharded over them would move rows between devices. Inside an
+    unrolled `transformer.TransformerStack` that runs in batch blocks itself, one block."""
+    return resolve_blocks("attention.BATCH_BLOCKS", BATCH_BLOCKS, batch, lambda: 2 if (
+        runtime.jaxlib_version() < (0, 11) and one_cpu_device() and batch % 2 == 0) else 1)
 
 
 def dot_product_attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, *, dropout_rng=None,
-                          dropout: float = 0.0) -> Float[Array, "B L N H"]:
+                          dropout: float = 0.0, blocks: int | None = None) -> Float[Array, "B L N H"]:
     """softmax(q k^T / sqrt(H)) v with grouped-query heads; logits and softmax in float32.
-    On jaxlib 0.10's CPU the batch runs as two blocks side by side (`batch_blocks`), except
-    with attention-weight dropout (whose mask is drawn for the whole batch): the same function."""
-    blocks = 1 if dropout > 0.0 and dropout_rng is not None else batch_blocks(q_BxLxNxH.shape[0])
+    On jaxlib 0.10's CPU the batch runs as two blocks side by side (`batch_blocks`; `blocks`
+    overrides it), except with attention-weight dropout (whose mask is drawn for the whole
+    batch): the same function."""
+    if dropout > 0.0 and dropout_rng is not None:
+        blocks = 1
+    elif blocks is None:
+        blocks = batch_blocks(q_BxLxNxH.shape[0])
     if blocks == 1:
         return _attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, dropout_rng=dropout_rng, dropout=dropout)
     whole = q_BxLxNxH.shape[0]
@@ -135,6 +154,7 @@ class MultiHeadAttention(nn.Module):
     use_fused: bool = False
     rope: bool = False  # rotary positions on self-attention queries and keys
     dtype: Any = jnp.float32  # compute dtype; logits and softmax stay float32
+    batch_blocks: int | None = None  # the einsum path's batch blocks; None: `batch_blocks`'s rule
 
     @nn.compact
     def __call__(self, x_BxLxD: Float[Array, "B L D"], context_BxSxC: Float[Array, "B S C"] | None = None,
@@ -207,8 +227,8 @@ class MultiHeadAttention(nn.Module):
             out_BxLxNxH = jax.nn.dot_product_attention(
                 q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask=None if mask is None else mask[:, None])
         else:
-            out_BxLxNxH = dot_product_attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask,
-                                                dropout_rng=dropout_rng, dropout=self.dropout)
+            out_BxLxNxH = dot_product_attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask, dropout_rng=dropout_rng,
+                                                dropout=self.dropout, blocks=self.batch_blocks)
         return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out",
                                kernel_init=nn.with_logical_partitioning(
                                    nn.initializers.lecun_normal(), ("heads", "kv", "embed")))(out_BxLxNxH)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxml.models import attention as attention_lib
 from jaxml.models import remat as remat_lib
 from jaxml.models import _checks
 from jaxml.models.attention import MultiHeadAttention, key_padding_mask
@@ -66,6 +67,7 @@ class TransformerBlock(nn.Module):
     dtype: Any = jnp.float32
     norm_epsilon: float = 1e-6  # flax's LayerNorm default; GPT-2 uses 1e-5
     in_scan: bool = False  # set by TransformerStack(scan_layers=True): plain Dense and gelu_one_residual in its MLP
+    attention_batch_blocks: int | None = None  # MultiHeadAttention.batch_blocks (set by a stack in blocks)
 
     @nn.compact
     def __call__(self, x_BxLxD: Float[Array, "B L D"], mask_BxLxS: Bool[Array, "B L L"] | None = None,
@@ -78,7 +80,8 @@ class TransformerBlock(nn.Module):
                              f"{None if context_BxSxC is None else context_BxSxC.shape}: a context is "
                              f"needed exactly when cross_attention=True")
         attention = functools.partial(MultiHeadAttention, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                      dropout=self.attention_dropout, use_fused=self.use_fused, dtype=self.dtype)
+                                      dropout=self.attention_dropout, use_fused=self.use_fused, dtype=self.dtype,
+                                      batch_blocks=self.attention_batch_blocks)
         drop = nn.Dropout(self.dropout, deterministic=not train)
         h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm_attention")(x_BxLxD)
         h = attention(causal=self.causal, rope=self.rope, name="attention")(h, None, mask_BxLxS, train=train,
@@ -130,10 +133,42 @@ class TransformerStack(nn.Module):
             x_BxLxD, _ = stack(functools.partial(self.block, in_scan=True), train, decode, name="layers")(
                 x_BxLxD, mask_BxLxS, context_BxSxC, context_mask_BxLxS)
             return x_BxLxD
-        for i in range(self.num_layers):
-            x_BxLxD, _ = layer(self.block, train, decode, name=f"layer_{i}")(x_BxLxD, mask_BxLxS, context_BxSxC,
-                                                                             context_mask_BxLxS)
-        return x_BxLxD
+        blocks = 1 if decode else stack_blocks(x_BxLxD.shape[0])
+        # In blocks, attention inside runs each block whole (halved again: GPT 1.04x, slower).
+        block = self.block if blocks == 1 else functools.partial(self.block, attention_batch_blocks=1)
+        layers = [layer(block, train, decode, name=f"layer_{i}") for i in range(self.num_layers)]
+        whole = x_BxLxD.shape[0]
+        parts = [jnp.split(a, blocks, axis=0) if a is not None and a.shape[0] == whole else [a] * blocks
+                 for a in (x_BxLxD, mask_BxLxS, context_BxSxC, context_mask_BxLxS)]
+        outs = []
+        for x, mask, context, context_mask in zip(*parts):  # each block through every layer, same params
+            for each in layers:
+                x, _ = each(x, mask, context, context_mask)
+            outs.append(x)
+        return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=0)
+
+
+# The unrolled stack's batch blocks: None picks them (`stack_blocks`); an integer forces that many
+# where it divides the batch (tests compare the two forms).
+STACK_BLOCKS: int | None = None
+
+
+def stack_blocks(batch: int) -> int:
+    """How many batch blocks an unrolled `TransformerStack` runs through its layers side by side
+    (read when a function is traced): 2 on the CPU backend with one device and an even batch of
+    16 or more, else 1; never while decoding (the KV cache holds the whole batch).
+
+    Each block goes through every layer with the same parameters (their gradients add up), so
+    XLA has two independent chains of small dots and elementwise work to put on two cores. On 2
+    cores (2026-12-07), interleaved A/B of the benchmark's engine step (unrolled stacks, as the
+    experiments run them): jax 0.12.1 GPT 0.908-0.922x in four runs (CPU time 0.92-0.94x), ViT
+    0.992-1.040x in three (a tie); jax 0.10.2, against attention's own batch blocks, GPT
+    0.969-0.990x in three, ViT 0.977-0.982x in three; four blocks 0.938x (0.12.1 GPT); the
+    attention inside halved again 1.04x (0.10.2 GPT). Scanned stacks keep one block: two scans
+    over the layers were slower (GPT 1.07x on 0.12.1, 1.09x on 0.10.2). Dropout draws each
+    block's masks separately; a forced count makes the same function apart from that."""
+    return attention_lib.resolve_blocks("transformer.STACK_BLOCKS", STACK_BLOCKS, batch, lambda: 2 if (
+        attention_lib.one_cpu_device() and batch % 2 == 0 and batch >= 16) else 1)
 
 
 def _block(cfg, causal: bool, cross_attention: bool, norm_epsilon: float = 1e-6) -> functools.partial:

@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxml.models import transformer
+from tests.test_attention import _dot_generals
 
 
 def _tokens(shape, vocab=50, seed=0):
@@ -129,10 +130,6 @@ def test_encoder_ignores_padding_content_and_seq2seq_shapes():
     out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), src, src[:, :5], valid), src,
                                              src[:, :5], valid))
     assert out.shape == (2, 5, 20)
-
-
-def _dot_generals(fn, *args) -> int:
-    return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(*args).eqns)
 
 
 @pytest.mark.parametrize("kind", ["lm", "seq2seq"])

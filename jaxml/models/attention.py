@@ -114,10 +114,18 @@ def dot_product_attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, *, dropou
         blocks = batch_blocks(q_BxLxNxH.shape[0])
     if blocks == 1:
         return _attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, dropout_rng=dropout_rng, dropout=dropout)
-    whole = q_BxLxNxH.shape[0]
+    parts = split_batch((q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS), blocks)
+    return jnp.concatenate([_attention(q, k, v, m) for q, k, v, m in parts], axis=0)
+
+
+def split_batch(arrays, blocks: int) -> list[tuple]:
+    """`blocks` tuples of `arrays` (each None, batch-sized or broadcast over the batch), the
+    batch-sized ones cut into contiguous blocks along axis 0 (the first array's batch), the
+    others passed whole to every block."""
+    whole = arrays[0].shape[0]
     parts = [jnp.split(a, blocks, axis=0) if a is not None and a.shape[0] == whole else [a] * blocks
-             for a in (q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS)]
-    return jnp.concatenate([_attention(q, k, v, m) for q, k, v, m in zip(*parts)], axis=0)
+             for a in arrays]
+    return list(zip(*parts))
 
 
 def _attention(q_BxLxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxLxS, *, dropout_rng=None,

@@ -137,11 +137,9 @@ class TransformerStack(nn.Module):
         # In blocks, attention inside runs each block whole (halved again: GPT 1.04x, slower).
         block = self.block if blocks == 1 else functools.partial(self.block, attention_batch_blocks=1)
         layers = [layer(block, train, decode, name=f"layer_{i}") for i in range(self.num_layers)]
-        whole = x_BxLxD.shape[0]
-        parts = [jnp.split(a, blocks, axis=0) if a is not None and a.shape[0] == whole else [a] * blocks
-                 for a in (x_BxLxD, mask_BxLxS, context_BxSxC, context_mask_BxLxS)]
         outs = []
-        for x, mask, context, context_mask in zip(*parts):  # each block through every layer, same params
+        for x, mask, context, context_mask in attention_lib.split_batch(  # each block through every layer
+                (x_BxLxD, mask_BxLxS, context_BxSxC, context_mask_BxLxS), blocks):
             for each in layers:
                 x, _ = each(x, mask, context, context_mask)
             outs.append(x)

@@ -210,16 +210,20 @@ def flops_per_step(config, batch) -> float:
     return float(cost["flops"])
 
 
-def measured_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This machine's float32 matmul throughput (FLOP/s): the CPU 'peak' that MFU is relative to."""
+def measured_peak_flops(size: int = 1024, repeats: int = 5, min_seconds: float = 0.25) -> float:
+    """This machine's float32 matmul throughput (FLOP/s): the CPU 'peak' that MFU is relative to.
+    The fastest of at least `repeats` matmuls and of as many as `min_seconds` holds, so that a
+    short busy spell of a shared host cannot set it (one of 5 back-to-back 10 ms matmuls read
+    half the machine's speed once)."""
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+    best, done, start = float("inf"), 0, time.perf_counter()
+    while done < repeats or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
+        done += 1
     return 2 * size**3 / best
 
 

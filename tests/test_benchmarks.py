@@ -166,6 +166,38 @@ def test_unknown_family_is_refused_with_the_choices():
         families.workload("alexnet")
 
 
+def test_a_measured_peak_is_measured_again_at_the_end_and_the_higher_counts(monkeypatch):
+    # The start's matmul ran in a busy spell (half speed): the MFU must not read 0.8 / 0.5 > 1.
+    rows = [{"family": "gpt", "flops_per_s": 0.8e11, "mfu": 0.8e11 / 0.5e11}]
+    out = _result(families=rows)
+    out["machine"].update(peak_flops=0.5e11, peak_source="measured float32 1024x1024 matmul on this CPU")
+    monkeypatch.setattr(measure, "device_peak", lambda dtype: (1e11, "measured float32 1024x1024 matmul on this CPU"))
+    run._remeasure_peak(out, "float32")
+    assert out["machine"]["peak_flops"] == 1e11 and out["machine"]["peak_start_end"] == [0.5e11, 1e11]
+    assert rows[0]["mfu"] == pytest.approx(0.8)
+    assert "Peak 100.0 GFLOP/s (measured float32 1024x1024 matmul on this CPU, the higher of 50.0 and 100.0 " \
+           "measured at the start and the end;" in run.markdown(dict(out, families=[]))
+    # A slower end leaves the start's peak; a datasheet peak is never replaced.
+    monkeypatch.setattr(measure, "device_peak", lambda dtype: (0.9e11, "measured float32 1024x1024 matmul on this CPU"))
+    run._remeasure_peak(out, "float32")
+    assert out["machine"]["peak_flops"] == 1e11 and rows[0]["mfu"] == pytest.approx(0.8)
+    gpu = _result(families=[{"family": "gpt", "flops_per_s": 4e14, "mfu": 0.4}])
+    gpu["machine"].update(peak_flops=989e12, peak_source="datasheet bfloat16 peak of NVIDIA H100")
+    run._remeasure_peak(gpu, "bfloat16")
+    assert gpu["machine"]["peak_flops"] == 989e12 and "peak_start_end" not in gpu["machine"]
+
+
+def test_measured_peak_takes_the_fastest_matmul_over_its_minimum_time(monkeypatch):
+    from experiments import gpt
+
+    calls = []
+    real = gpt.time.perf_counter
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: calls.append(1) or real())
+    gpt.measured_peak_flops(size=64, repeats=2, min_seconds=0.05)
+    # 2 repeats of 64x64 take microseconds: the loop ran on until 0.05 s had passed.
+    assert len(calls) > 20
+
+
 @pytest.mark.parametrize("kind, dtype, peak", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
     ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),

@@ -182,7 +182,8 @@ def test_a_measured_peak_is_measured_again_at_the_end_and_the_higher_counts(monk
     run._remeasure_peak(out, "float32")
     assert out["machine"]["peak_flops"] == 1e11 and rows[0]["mfu"] == pytest.approx(0.8)
     gpu = _result(families=[{"family": "gpt", "flops_per_s": 4e14, "mfu": 0.4}])
-    gpu["machine"].update(peak_flops=989e12, peak_source="datasheet bfloat16 peak of NVIDIA H100")
+    gpu["machine"].update(device_kind="NVIDIA H100 80GB HBM3", peak_flops=989e12,
+                          peak_source="datasheet bfloat16 peak of NVIDIA H100 80GB HBM3")
     run._remeasure_peak(gpu, "bfloat16")
     assert gpu["machine"]["peak_flops"] == 989e12 and "peak_start_end" not in gpu["machine"]
 
